@@ -1,0 +1,81 @@
+// The work split of one step, made on the host once per step (begin_step) and
+// reused by every layer's kernels. Splits depend only on the step's shape,
+// never on the thread count, so results are bitwise identical for any number
+// of threads.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "view.hpp"
+
+namespace kvcache {
+inline namespace v0 {
+namespace detail {
+
+//! A decode work item: one KV head of one single-token sequence, over a token
+//! range. Items of one (sequence, head) are adjacent; their partial results
+//! are merged by log-sum-exp.
+struct decode_item {
+  std::uint32_t seq, head;
+  std::size_t begin, end;  // token range [begin, end)
+};
+
+//! A prefill work item: all query heads of one KV head's group, for a tile of
+//! a sequence's new tokens.
+struct prefill_item {
+  std::uint32_t seq, head;
+  std::size_t row_begin, row_end;  // new-token range inside the sequence
+};
+
+struct work_plan {
+  std::vector<decode_item> decode;
+  std::vector<std::size_t> decode_groups;  // (pairs + 1) offsets into decode, one group per (seq, head)
+  std::vector<prefill_item> prefill;
+  std::size_t max_rows = 0;  // largest prefill tile, in query rows
+};
+
+inline constexpr std::size_t decode_tile = 16;     // tokens scored per vector pass
+inline constexpr std::size_t decode_streams = 4;   // items interleaved per thread task
+inline constexpr std::size_t prefill_kv_tile = 64;
+
+//! Token chunk for decode splits: ~256 items per step, each 256..4096 tokens.
+inline std::size_t decode_chunk(std::size_t total_tokens) noexcept {
+  std::size_t c = std::clamp<std::size_t>(total_tokens / 256, 256, 4096);
+  return (c + decode_tile - 1) / decode_tile * decode_tile;
+}
+
+inline work_plan make_plan(const kv_layout& layout, const std::vector<seq_view>& seqs) {
+  work_plan plan;
+  const std::size_t g = layout.group();
+  std::size_t decode_tokens = 0;
+  for (const auto& s : seqs)
+    if (s.q_len == 1) decode_tokens += s.kv_len * layout.kv_heads;
+  const std::size_t chunk = decode_chunk(decode_tokens);
+  // A prefill tile covers ~64 query rows of one KV head's group.
+  const std::size_t tile_tokens = std::max<std::size_t>(1, 64 / g);
+  plan.decode_groups.push_back(0);
+  for (std::uint32_t i = 0; i < seqs.size(); ++i) {
+    const auto& s = seqs[i];
+    for (std::uint32_t h = 0; h < layout.kv_heads; ++h) {
+      if (s.q_len == 1) {
+        for (std::size_t b = 0; b < s.kv_len; b += chunk)
+          plan.decode.push_back({i, h, b, std::min(s.kv_len, b + chunk)});
+        plan.decode_groups.push_back(plan.decode.size());
+      } else {
+        for (std::size_t r = 0; r < s.q_len; r += tile_tokens) {
+          const std::size_t e = std::min(s.q_len, r + tile_tokens);
+          plan.prefill.push_back({i, h, r, e});
+          plan.max_rows = std::max(plan.max_rows, (e - r) * g);
+        }
+      }
+    }
+  }
+  return plan;
+}
+
+}  // namespace detail
+}  // namespace v0
+}  // namespace kvcache

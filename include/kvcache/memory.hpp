@@ -1,0 +1,50 @@
+// Exact KV memory, in constexpr form, for any precision and shape:
+//   bytes = sequences x tokens x 2 x layers x kv_heads x row_bytes(head_dim)
+// where row_bytes includes a precision's metadata (scales, zero points); for
+// fp16 it is 2 x head_dim. A live cache's memory_in_use() equals these
+// formulas to the byte (tests/test_memory.cpp).
+#pragma once
+
+#include <cstddef>
+
+#include "concepts.hpp"
+
+namespace kvcache {
+inline namespace v0 {
+
+//! The parts of a model's shape that size its KV cache.
+struct kv_shape {
+  std::size_t layers = 0;
+  std::size_t kv_heads = 0;
+  std::size_t head_dim = 0;
+};
+
+//! Bytes one token occupies across all layers: its K and V rows for each KV head.
+template <precision_policy P>
+constexpr std::size_t bytes_per_token(const kv_shape& s) {
+  return s.layers * 2 * s.kv_heads * P::row_bytes(s.head_dim);
+}
+
+//! Bytes of `sequences` sequences of `tokens` tokens each, nothing shared.
+template <precision_policy P>
+constexpr std::size_t kv_bytes(const kv_shape& s, std::size_t sequences, std::size_t tokens) {
+  return sequences * tokens * bytes_per_token<P>(s);
+}
+
+//! Bytes when `sequences` sequences share one copy of a `shared_tokens` prefix
+//! and each holds `private_tokens` of its own (beams, parallel samples,
+//! multi-turn reuse): the prefix is stored once.
+template <precision_policy P>
+constexpr std::size_t shared_kv_bytes(const kv_shape& s, std::size_t sequences,
+                                      std::size_t shared_tokens, std::size_t private_tokens) {
+  return (shared_tokens + sequences * private_tokens) * bytes_per_token<P>(s);
+}
+
+//! Bytes a contiguous cache reserves for one sequence of `capacity` tokens.
+template <precision_policy P>
+constexpr std::size_t contiguous_sequence_bytes(const kv_shape& s, std::size_t capacity) {
+  return capacity * bytes_per_token<P>(s);
+}
+
+}  // namespace v0
+}  // namespace kvcache

@@ -1,0 +1,73 @@
+// Contiguous storage: each sequence owns one region sized to its capacity,
+// reserved when the sequence is added (a static cache, like HF's StaticCache).
+//   bytes per sequence = capacity x layers x 2 x kv_heads x row_bytes
+// In the kernels' view the region is a single page of `capacity` slots, so
+// contiguous and paged storage share every kernel.
+#pragma once
+
+#include <cstddef>
+#include <string_view>
+
+#include "../concepts.hpp"
+#include "../error.hpp"
+#include "../kernels/view.hpp"
+
+namespace kvcache {
+inline namespace v0 {
+
+struct contiguous {
+  using axis = storage_tag;
+  static constexpr std::string_view name = "contiguous";
+  static constexpr std::size_t page_tokens = dynamic;
+  static constexpr bool supports_eviction = false;
+
+  //! The storage bookkeeping for backend B. The cache calls:
+  //!   state(layout, max_tokens)            max_tokens: slots across all sequences
+  //!   region create(capacity)              throws, changing nothing, when out of slots
+  //!   void destroy(region&) noexcept
+  //!   std::size_t capacity(const region&)  tokens the sequence can hold
+  //!   std::byte* const* pages(const region&), std::size_t page_tokens(const region&)
+  //!   std::size_t bytes_in_use() / slots_in_use()
+  template <backend_policy B>
+  class state {
+   public:
+    struct region {
+      std::byte* base = nullptr;  // (layer, K|V, kv_head, slot, row)
+      std::size_t capacity = 0;
+    };
+
+    state(const kv_layout& layout, std::size_t max_tokens)
+        : layout_(layout), max_tokens_(max_tokens) {}
+
+    region create(std::size_t capacity) {
+      detail::require(capacity > 0, "sequence capacity is 0; it must be at least 1 token");
+      detail::require(capacity <= max_tokens_ - slots_, "the cache cannot reserve ", capacity,
+              " more tokens: ", max_tokens_ - slots_, " of max_tokens ", max_tokens_,
+              " are free");
+      region r{static_cast<std::byte*>(B::allocate(layout_.page_bytes(capacity))), capacity};
+      slots_ += capacity;
+      return r;
+    }
+    void destroy(region& r) noexcept {
+      if (!r.base) return;
+      B::deallocate(r.base, layout_.page_bytes(r.capacity));
+      slots_ -= r.capacity;
+      r = {};
+    }
+    static std::size_t capacity(const region& r) noexcept { return r.capacity; }
+    static std::byte* const* pages(const region& r) noexcept { return &r.base; }
+    static std::size_t page_tokens(const region& r) noexcept { return r.capacity; }
+    std::size_t slots_in_use() const noexcept { return slots_; }
+    std::size_t bytes_in_use() const noexcept { return layout_.page_bytes(slots_); }
+
+   private:
+    kv_layout layout_;
+    std::size_t max_tokens_;
+    std::size_t slots_ = 0;
+  };
+};
+
+static_assert(storage_policy<contiguous>);
+
+}  // namespace v0
+}  // namespace kvcache
