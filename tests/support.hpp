@@ -1,0 +1,156 @@
+// Test support: seeded random inputs, a float64 attention reference written
+// with Eigen (independent of the kernels), and a harness that drives a cache
+// and the reference through the same steps.
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <Eigen/Dense>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <kvcache/kvcache.hpp>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace kvtest {
+
+//! The seed of this test run: KVCACHE_TEST_SEED if set (to reproduce a
+//! failure), else fresh. Tests print it with INFO so a failure shows it.
+inline std::uint64_t test_seed() {
+  if (const char* s = std::getenv("KVCACHE_TEST_SEED")) return std::strtoull(s, nullptr, 10);
+  static const std::uint64_t fresh = std::random_device{}() * 0x9e3779b97f4a7c15ull + 1;
+  return fresh;
+}
+
+//! Unit-normal values; a draw of exactly 0 is replaced so no input is zero.
+inline std::vector<float> normal(std::mt19937_64& rng, std::size_t n, float sigma = 1.f) {
+  std::normal_distribution<float> d(0.f, sigma);
+  std::vector<float> v(n);
+  for (auto& x : v) {
+    do x = d(rng);
+    while (x == 0.f);
+  }
+  return v;
+}
+
+inline std::vector<float> poisoned(std::size_t n) {
+  return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN());
+}
+
+//! Relative L2 error; NaN anywhere in `got` gives +inf.
+inline double rel_l2(const std::vector<float>& got, const std::vector<double>& want) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return std::sqrt(num / den);
+}
+
+//! Float64 causal attention of one sequence. keys/values: (tokens, kv_heads, dim)
+//! flattened; queries: (n, q_heads, dim) at positions first_pos..first_pos+n-1.
+//! Writes out (n, q_heads, dim) and lse (n, q_heads).
+inline void reference_attention(const std::vector<float>& keys, const std::vector<float>& values,
+                                const float* queries, std::size_t n, std::size_t first_pos,
+                                std::size_t q_heads, std::size_t kv_heads, std::size_t dim,
+                                double scale, double* out, double* lse) {
+  using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const std::size_t g = q_heads / kv_heads;
+  for (std::size_t kh = 0; kh < kv_heads; ++kh) {
+    const std::size_t len = first_pos + n;
+    Mat K(len, dim), V(len, dim);
+    for (std::size_t t = 0; t < len; ++t)
+      for (std::size_t d = 0; d < dim; ++d) {
+        K(t, d) = keys[(t * kv_heads + kh) * dim + d];
+        V(t, d) = values[(t * kv_heads + kh) * dim + d];
+      }
+    for (std::size_t i = 0; i < n; ++i)
+      for (std::size_t h = kh * g; h < (kh + 1) * g; ++h) {
+        Eigen::VectorXd q(dim);
+        for (std::size_t d = 0; d < dim; ++d) q(d) = queries[(i * q_heads + h) * dim + d];
+        const std::size_t visible = first_pos + i + 1;  // causal
+        Eigen::VectorXd s = K.topRows(visible) * q * scale;
+        const double m = s.maxCoeff();
+        Eigen::VectorXd p = (s.array() - m).exp();
+        const double sum = p.sum();
+        Eigen::VectorXd o = V.topRows(visible).transpose() * p / sum;
+        for (std::size_t d = 0; d < dim; ++d) out[(i * q_heads + h) * dim + d] = o(d);
+        lse[i * q_heads + h] = m + std::log(sum);
+      }
+  }
+}
+
+//! Drives a cache and the float64 reference through the same steps, keeping
+//! full-precision copies of every appended K and V.
+template <class Cache>
+struct harness {
+  Cache kv;
+  std::mt19937_64 rng;
+  std::size_t layers, q_heads, kv_heads, dim;
+  std::map<kvcache::seq_id, std::vector<std::vector<float>>> keys, values;  // per layer
+
+  explicit harness(const kvcache::cache_config& cfg, std::uint64_t seed)
+      : kv(cfg), rng(seed), layers(cfg.layers), q_heads(kv.layout().q_heads),
+        kv_heads(kv.layout().kv_heads), dim(kv.layout().head_dim) {}
+
+  kvcache::seq_id add(std::size_t capacity = 0) {
+    auto s = kv.add_sequence(capacity);
+    keys[s].assign(layers, {});
+    values[s].assign(layers, {});
+    return s;
+  }
+
+  struct result {
+    std::vector<float> out, lse;       // (tokens, q_heads, dim), (tokens, q_heads)
+    std::vector<double> ref, ref_lse;
+    double worst = 0, worst_lse = 0;  // over all layers
+    double error() const { return worst; }
+    double lse_error() const { return worst_lse; }
+  };
+
+  //! Runs one step over every layer; returns the last layer's outputs and
+  //! reference. Inputs are fresh random values.
+  result run(std::vector<kvcache::append> appends, float scale = 0.f) {
+    auto st = kv.begin_step(appends);
+    const std::size_t n = st.tokens();
+    result r;
+    for (std::size_t l = 0; l < layers; ++l) {
+      auto k = normal(rng, n * kv_heads * dim), v = normal(rng, n * kv_heads * dim);
+      auto q = normal(rng, n * q_heads * dim);
+      r.out = poisoned(n * q_heads * dim);
+      r.lse = poisoned(n * q_heads);
+      kv.write(l, st, kvcache::make_view<const float>(k.data(), n, kv_heads, dim),
+               kvcache::make_view<const float>(v.data(), n, kv_heads, dim));
+      kv.attend(l, st, kvcache::make_view<const float>(q.data(), n, q_heads, dim),
+                kvcache::make_view(r.out.data(), n, q_heads, dim),
+                {.scale = scale, .lse = kvcache::make_view(r.lse.data(), n, q_heads)});
+      r.ref.assign(n * q_heads * dim, 0);
+      r.ref_lse.assign(n * q_heads, 0);
+      std::size_t row = 0;
+      for (const auto& a : appends) {
+        auto& K = keys[a.seq][l];
+        auto& V = values[a.seq][l];
+        const std::size_t first = K.size() / (kv_heads * dim);
+        K.insert(K.end(), k.begin() + row * kv_heads * dim,
+                 k.begin() + (row + a.tokens) * kv_heads * dim);
+        V.insert(V.end(), v.begin() + row * kv_heads * dim,
+                 v.begin() + (row + a.tokens) * kv_heads * dim);
+        const double sc = scale > 0 ? scale : 1.0 / std::sqrt(double(dim));
+        reference_attention(K, V, q.data() + row * q_heads * dim, a.tokens, first, q_heads,
+                            kv_heads, dim, sc, r.ref.data() + row * q_heads * dim,
+                            r.ref_lse.data() + row * q_heads);
+        row += a.tokens;
+      }
+      r.worst = std::max(r.worst, rel_l2(r.out, r.ref));
+      r.worst_lse = std::max(r.worst_lse, rel_l2(r.lse, r.ref_lse));
+    }
+    return r;
+  }
+};
+
+}  // namespace kvtest
