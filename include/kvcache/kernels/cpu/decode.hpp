@@ -61,18 +61,25 @@ KVCACHE_ALWAYS_INLINE void decode_tile_update(decode_stream& s, const row_t<P>* 
   const std::size_t nc = dim / lanes;
   for (std::size_t hb = 0; hb < g; hb += HB) {
     const float* q = s.q + hb * dim;
-    for (std::size_t j = 0; j < decode_tile; ++j) {
-      if (j >= n) {
-        for (std::size_t h = 0; h < HB; ++h) sc[(hb + h) * decode_tile + j] = -INFINITY;
-        continue;
-      }
-      vf acc[HB] = {};
-      const row_t<P>* k = K + j * dim;
+    // Scores of TOK tokens x HB heads = 16 dot products per pass, summed
+    // horizontally together by reduce16 (lane h * TOK + t).
+    constexpr std::size_t TOK = lanes / HB;
+    for (std::size_t j0 = 0; j0 < decode_tile; j0 += TOK) {
+      vf acc[lanes] = {};
+      const row_t<P>* k[TOK];
+      for (std::size_t t = 0; t < TOK; ++t) k[t] = K + std::min(j0 + t, n - 1) * dim;
       for (std::size_t c = 0; c < nc; ++c) {
-        const vf kv = load(k + c * lanes);
-        for (std::size_t h = 0; h < HB; ++h) acc[h] += load(q + h * dim + c * lanes) * kv;
+        vf qv[HB];
+        for (std::size_t h = 0; h < HB; ++h) qv[h] = load(q + h * dim + c * lanes);
+        for (std::size_t t = 0; t < TOK; ++t) {
+          const vf kv = load(k[t] + c * lanes);
+          for (std::size_t h = 0; h < HB; ++h) acc[h * TOK + t] += qv[h] * kv;
+        }
       }
-      for (std::size_t h = 0; h < HB; ++h) sc[(hb + h) * decode_tile + j] = reduce_add(acc[h]);
+      const vf sums = reduce16(acc);
+      for (std::size_t h = 0; h < HB; ++h)
+        for (std::size_t t = 0; t < TOK; ++t)
+          sc[(hb + h) * decode_tile + j0 + t] = j0 + t < n ? sums[h * TOK + t] : -INFINITY;
     }
     float corr[HB];
     for (std::size_t h = 0; h < HB; ++h) {
