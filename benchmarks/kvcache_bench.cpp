@@ -22,8 +22,8 @@ namespace {
 
 using namespace kvcache;
 constexpr std::size_t QH = 32, KVH = 8, D = 128;
-double g_read_bw = 0;    // bytes/s, best of the probe's repetitions
-double g_gemm_flops = 0; // FLOP/s
+double g_read_bw = 0;     // bytes/s, best of the probe's repetitions
+double g_gemm_flops = 0;  // FLOP/s
 
 std::size_t hw_threads() { return std::max(1u, std::thread::hardware_concurrency()); }
 
@@ -71,8 +71,7 @@ void read_bandwidth(benchmark::State& state) {
 void eigen_gemm(benchmark::State& state) {
   const int N = 1024;
   const std::size_t T = hw_threads();
-  Eigen::MatrixXf A = Eigen::MatrixXf::Random(N, N), B = Eigen::MatrixXf::Random(N, N),
-                  C(N, N);
+  Eigen::MatrixXf A = Eigen::MatrixXf::Random(N, N), B = Eigen::MatrixXf::Random(N, N), C(N, N);
   for (auto _ : state) {
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<std::thread> th;
@@ -86,8 +85,8 @@ void eigen_gemm(benchmark::State& state) {
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     g_gemm_flops = std::max(g_gemm_flops, 2.0 * N * N * N / sec);
   }
-  state.counters["gflops"] = benchmark::Counter(2.0 * N * N * N * state.iterations() / 1e9,
-                                                benchmark::Counter::kIsRate);
+  state.counters["gflops"] =
+      benchmark::Counter(2.0 * N * N * N * state.iterations() / 1e9, benchmark::Counter::kIsRate);
 }
 
 // One decoded token per sequence per iteration, over a cache filled with
@@ -161,9 +160,9 @@ void prefill(benchmark::State& state, std::size_t tokens) {
   const double flops = 4.0 * QH * D * (double(tokens) * (tokens + 1) / 2);
   state.counters["gflops"] =
       benchmark::Counter(flops * state.iterations() / 1e9, benchmark::Counter::kIsRate);
-  state.counters["gemm_fraction"] = benchmark::Counter(
-      g_gemm_flops > 0 ? flops * state.iterations() / g_gemm_flops : 0,
-      benchmark::Counter::kIsRate);
+  state.counters["gemm_fraction"] =
+      benchmark::Counter(g_gemm_flops > 0 ? flops * state.iterations() / g_gemm_flops : 0,
+                         benchmark::Counter::kIsRate);
 }
 
 template <class P>
@@ -172,16 +171,23 @@ void register_precision() {
   for (std::size_t batch : {1, 8})
     for (std::size_t ctx : {4096, 16384, 32768})
       benchmark::RegisterBenchmark(
-          ("decode/" + p + "/contiguous/full/" + std::to_string(ctx) + "/" + std::to_string(batch)).c_str(),
+          ("decode/" + p + "/contiguous/full/" + std::to_string(ctx) + "/" + std::to_string(batch))
+              .c_str(),
           [=](benchmark::State& s) { decode<P>(s, ctx, batch); })
-          ->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.3)->Repetitions(5)
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime()
+          ->MinTime(0.3)
+          ->Repetitions(5)
           ->ReportAggregatesOnly(true);
   for (std::size_t tokens : {512, 2048})
     benchmark::RegisterBenchmark(
         ("prefill/" + p + "/contiguous/full/" + std::to_string(tokens) + "/1").c_str(),
         [=](benchmark::State& s) { prefill<P>(s, tokens); })
-        ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(tokens > 1000 ? 2 : 5)
-        ->Repetitions(3)->ReportAggregatesOnly(true);
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime()
+        ->Iterations(tokens > 1000 ? 2 : 5)
+        ->Repetitions(3)
+        ->ReportAggregatesOnly(true);
 }
 
 }  // namespace
@@ -190,9 +196,15 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   // The ceilings first: their results scale the fractions reported below.
   benchmark::RegisterBenchmark("read_bandwidth", read_bandwidth)
-      ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3)->Repetitions(3);
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->Iterations(3)
+      ->Repetitions(3);
   benchmark::RegisterBenchmark("eigen_gemm", eigen_gemm)
-      ->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5)->Repetitions(3);
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->Iterations(5)
+      ->Repetitions(3);
   register_precision<fp32>();
   register_precision<fp16>();
   register_precision<bf16>();

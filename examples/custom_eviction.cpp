@@ -28,11 +28,13 @@ static_assert(kvcache::eviction_policy<sliding_keep_last>);
 
 int main() {
   using namespace kvcache;
-  cache<mqa<64>, contiguous, never_evict, fp16> kv({.layers = 1, .q_heads = 4, .max_tokens = 16, .threads = 1});
+  cache<mqa<64>, contiguous, never_evict, fp16> kv(
+      {.layers = 1, .q_heads = 4, .max_tokens = 16, .threads = 1});
   auto s = kv.add_sequence(10);
   std::vector<float> k(10 * 64, 1.f), q(10 * 4 * 64, 0.1f), out(10 * 4 * 64);
   auto st = kv.begin_step({{s, 10}});
-  kv.write(0, st, make_view<const float>(k.data(), 10, 1, 64), make_view<const float>(k.data(), 10, 1, 64));
+  kv.write(0, st, make_view<const float>(k.data(), 10, 1, 64),
+           make_view<const float>(k.data(), 10, 1, 64));
   kv.attend(0, st, make_view<const float>(q.data(), 10, 4, 64), make_view(out.data(), 10, 4, 64));
   try {
     kv.begin_step({{s, 1}});  // the 11th token does not fit and is not silently dropped

@@ -13,7 +13,8 @@ struct paired_heads {
   static constexpr std::size_t head_dim = HeadDim;
   static std::size_t kv_heads(std::size_t q_heads, std::size_t kv) {
     if (q_heads == 0 || q_heads % 2 != 0)
-      throw kvcache::error("paired_heads needs an even, non-zero q_heads; got " + std::to_string(q_heads));
+      throw kvcache::error("paired_heads needs an even, non-zero q_heads; got " +
+                           std::to_string(q_heads));
     if (kv != 0 && kv != q_heads / 2)
       throw kvcache::error("paired_heads stores q_heads / 2 = " + std::to_string(q_heads / 2) +
                            " KV heads; kv_heads is " + std::to_string(kv));
@@ -33,11 +34,13 @@ int main() {
   auto s = kv.add_sequence();
   auto st = kv.begin_step({{s, n}});
   for (std::size_t l = 0; l < 2; ++l) {
-    kv.write(l, st, make_view<const float>(k.data(), n, 3, d), make_view<const float>(k.data(), n, 3, d));
+    kv.write(l, st, make_view<const float>(k.data(), n, 3, d),
+             make_view<const float>(k.data(), n, 3, d));
     kv.attend(l, st, make_view<const float>(q.data(), n, 6, d), make_view(out.data(), n, 6, d));
   }
   try {
-    cache<paired_heads<128>, contiguous, full, bf16> bad({.layers = 1, .q_heads = 5, .max_tokens = 8});
+    cache<paired_heads<128>, contiguous, full, bf16> bad(
+        {.layers = 1, .q_heads = 5, .max_tokens = 8});
     return 1;
   } catch (const kvcache::error& e) {
     std::printf("rejected as expected: %s\n", e.what());

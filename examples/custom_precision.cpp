@@ -58,7 +58,8 @@ int main() {
   auto run = [&](auto& c, std::vector<float>& o) {
     auto s = c.add_sequence();
     auto st = c.begin_step({{s, n}});
-    c.write(0, st, make_view<const float>(k.data(), n, kvh, d), make_view<const float>(v.data(), n, kvh, d));
+    c.write(0, st, make_view<const float>(k.data(), n, kvh, d),
+            make_view<const float>(v.data(), n, kvh, d));
     c.attend(0, st, make_view<const float>(q.data(), n, qh, d), make_view(o.data(), n, qh, d));
   };
   run(kv, out);

@@ -77,16 +77,24 @@ row run(const preset& m, const options& o, const inputs& in, std::vector<float>&
   // would need up to 64 GiB), times the layer count.
   for (int i = 0; i < 3; ++i) {
     r.formula[i] = kv_bytes<P>(shape, 1, contexts[i]);
-    Cache one({.layers = 1, .q_heads = Hq, .kv_heads = Hk, .head_dim = D,
-               .max_tokens = contexts[i], .threads = 1});
+    Cache one({.layers = 1,
+               .q_heads = Hq,
+               .kv_heads = Hk,
+               .head_dim = D,
+               .max_tokens = contexts[i],
+               .threads = 1});
     one.add_sequence(contexts[i]);
     r.measured[i] = one.memory_in_use() * L;
   }
 
   // The decode workload: all layers, a prompt of `context` tokens written
   // without prefill attention, then `tokens` decode steps.
-  Cache kv({.layers = L, .q_heads = Hq, .kv_heads = Hk, .head_dim = D,
-            .max_tokens = o.context + o.tokens, .threads = o.threads});
+  Cache kv({.layers = L,
+            .q_heads = Hq,
+            .kv_heads = Hk,
+            .head_dim = D,
+            .max_tokens = o.context + o.tokens,
+            .threads = o.threads});
   const seq_id s = kv.add_sequence();
   {
     auto st = kv.begin_step({{s, o.context}});
@@ -123,7 +131,8 @@ row run(const preset& m, const options& o, const inputs& in, std::vector<float>&
         }
       }
     }
-    times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    times.push_back(
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   std::sort(times.begin(), times.end());
   r.ms_per_token = times[times.size() / 2];
@@ -157,14 +166,20 @@ bool parse(int argc, char** argv, options& o) {
       if (i + 1 >= argc) throw std::runtime_error(a + " needs a value");
       return argv[++i];
     };
-    if (a == "--model") o.model = next();
-    else if (a == "--context") o.context = std::stoul(next());
-    else if (a == "--tokens") o.tokens = std::stoul(next());
-    else if (a == "--threads") o.threads = std::stoul(next());
-    else if (a == "--quick") o.quick = true;
+    if (a == "--model")
+      o.model = next();
+    else if (a == "--context")
+      o.context = std::stoul(next());
+    else if (a == "--tokens")
+      o.tokens = std::stoul(next());
+    else if (a == "--threads")
+      o.threads = std::stoul(next());
+    else if (a == "--quick")
+      o.quick = true;
     else {
-      fmt::print("usage: demo [--model llama-2-7b|llama-3-8b|mistral-7b|all] [--context N]\n"
-                 "            [--tokens N] [--threads N] [--quick]\n");
+      fmt::print(
+          "usage: demo [--model llama-2-7b|llama-3-8b|mistral-7b|all] [--context N]\n"
+          "            [--tokens N] [--threads N] [--quick]\n");
       return a == "--help" || a == "-h";
     }
   }
@@ -181,7 +196,8 @@ bool parse(int argc, char** argv, options& o) {
 int main(int argc, char** argv) try {
   options o;
   if (!parse(argc, argv, o)) return 2;
-  if (o.context == 0 || o.tokens == 0) throw kvcache::error("--context and --tokens must be at least 1");
+  if (o.context == 0 || o.tokens == 0)
+    throw kvcache::error("--context and --tokens must be at least 1");
   if (o.threads == 0) o.threads = std::max(1u, std::thread::hardware_concurrency());
   fmt::print("kvcache demo: attention over the KV cache on the CPU, synthetic data\n");
   std::size_t pool = 0;
@@ -201,8 +217,9 @@ int main(int argc, char** argv) try {
     print(m, o, rows);
   }
   if (!any) throw kvcache::error("unknown model '" + o.model + "'; see --help");
-  fmt::print("\nms/token: attention + K/V append for one decoded token across all layers.\n"
-             "Measured memory: memory_in_use() of a live one-layer cache x layers.\n");
+  fmt::print(
+      "\nms/token: attention + K/V append for one decoded token across all layers.\n"
+      "Measured memory: memory_in_use() of a live one-layer cache x layers.\n");
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "\ndemo: %s\n", e.what());

@@ -3,9 +3,8 @@
 // and the reference through the same steps.
 #pragma once
 
-#include <catch2/catch.hpp>
-
 #include <Eigen/Dense>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -95,8 +94,12 @@ struct harness {
   std::map<kvcache::seq_id, std::vector<std::vector<float>>> keys, values;  // per layer
 
   explicit harness(const kvcache::cache_config& cfg, std::uint64_t seed)
-      : kv(cfg), rng(seed), layers(cfg.layers), q_heads(kv.layout().q_heads),
-        kv_heads(kv.layout().kv_heads), dim(kv.layout().head_dim) {}
+      : kv(cfg),
+        rng(seed),
+        layers(cfg.layers),
+        q_heads(kv.layout().q_heads),
+        kv_heads(kv.layout().kv_heads),
+        dim(kv.layout().head_dim) {}
 
   kvcache::seq_id add(std::size_t capacity = 0) {
     auto s = kv.add_sequence(capacity);
@@ -106,7 +109,7 @@ struct harness {
   }
 
   struct result {
-    std::vector<float> out, lse;       // (tokens, q_heads, dim), (tokens, q_heads)
+    std::vector<float> out, lse;  // (tokens, q_heads, dim), (tokens, q_heads)
     std::vector<double> ref, ref_lse;
     double worst = 0, worst_lse = 0;  // over all layers
     double error() const { return worst; }

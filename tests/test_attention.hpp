@@ -12,10 +12,14 @@ void check_attention(std::size_t q_heads, std::size_t kv_heads, std::size_t head
   using P = typename Cache::precision;
   const auto seed = test_seed();
   INFO("seed " << seed << " (set KVCACHE_TEST_SEED to reproduce)");
-  INFO(Cache::grouping::name << " " << P::name << " q_heads " << q_heads << " kv_heads "
-                             << kv_heads << " head_dim " << head_dim);
-  harness<Cache> h({.layers = 2, .q_heads = q_heads, .kv_heads = kv_heads, .head_dim = head_dim,
-                    .max_tokens = 4096, .threads = 2},
+  INFO(Cache::grouping::name << " " << P::name << " q_heads " << q_heads << " kv_heads " << kv_heads
+                             << " head_dim " << head_dim);
+  harness<Cache> h({.layers = 2,
+                    .q_heads = q_heads,
+                    .kv_heads = kv_heads,
+                    .head_dim = head_dim,
+                    .max_tokens = 4096,
+                    .threads = 2},
                    seed);
   const double tol = P::tolerance;
   auto a = h.add(600), b = h.add(600), c = h.add(600);

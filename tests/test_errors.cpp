@@ -18,7 +18,8 @@ struct snapshot {
 
 // Rows are compared only for the tokens written before the checks
 // (`written` per sequence): slots planned but not yet written hold no value.
-snapshot take(const C& kv, const std::vector<seq_id>& ids, const std::vector<std::size_t>& written) {
+snapshot take(const C& kv, const std::vector<seq_id>& ids,
+              const std::vector<std::size_t>& written) {
   snapshot s{{}, kv.sequences(), kv.memory_in_use(), {}};
   const auto& L = kv.layout();
   std::vector<float> row(L.head_dim);
@@ -41,26 +42,37 @@ snapshot take(const C& kv, const std::vector<seq_id>& ids, const std::vector<std
 
 TEST_CASE("construction rejects impossible sizes", "[errors]") {
   auto make = [](cache_config c) { C kv(c); };
-  CHECK_THROWS_WITH(make({.layers = 0, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 10}),
-                    Contains("layers is 0"));
-  CHECK_THROWS_WITH(make({.layers = 1, .q_heads = 8, .kv_heads = 3, .head_dim = 64, .max_tokens = 10}),
-                    Contains("q_heads 8 is not a multiple of kv_heads 3"));
-  CHECK_THROWS_WITH(make({.layers = 1, .q_heads = 8, .kv_heads = 16, .head_dim = 64, .max_tokens = 10}),
-                    Contains("kv_heads 16 exceeds q_heads 8"));
-  CHECK_THROWS_WITH(make({.layers = 1, .q_heads = 0, .kv_heads = 0, .head_dim = 64, .max_tokens = 10}),
-                    Contains("is 0"));
-  CHECK_THROWS_WITH(make({.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 0, .max_tokens = 10}),
-                    Contains("head_dim is 0"));
-  CHECK_THROWS_WITH(make({.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 72, .max_tokens = 10}),
-                    Contains("head_dim 72 is not a multiple of 16"));
-  CHECK_THROWS_WITH(make({.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 0}),
-                    Contains("max_tokens is 0"));
-  CHECK_THROWS_AS((cache<mha<>, contiguous, full, fp16>({.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 8})),
+  CHECK_THROWS_WITH(
+      make({.layers = 0, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 10}),
+      Contains("layers is 0"));
+  CHECK_THROWS_WITH(
+      make({.layers = 1, .q_heads = 8, .kv_heads = 3, .head_dim = 64, .max_tokens = 10}),
+      Contains("q_heads 8 is not a multiple of kv_heads 3"));
+  CHECK_THROWS_WITH(
+      make({.layers = 1, .q_heads = 8, .kv_heads = 16, .head_dim = 64, .max_tokens = 10}),
+      Contains("kv_heads 16 exceeds q_heads 8"));
+  CHECK_THROWS_WITH(
+      make({.layers = 1, .q_heads = 0, .kv_heads = 0, .head_dim = 64, .max_tokens = 10}),
+      Contains("is 0"));
+  CHECK_THROWS_WITH(
+      make({.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 0, .max_tokens = 10}),
+      Contains("head_dim is 0"));
+  CHECK_THROWS_WITH(
+      make({.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 72, .max_tokens = 10}),
+      Contains("head_dim 72 is not a multiple of 16"));
+  CHECK_THROWS_WITH(
+      make({.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 0}),
+      Contains("max_tokens is 0"));
+  CHECK_THROWS_AS((cache<mha<>, contiguous, full, fp16>(
+                      {.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 8})),
                   kvcache::error);
-  CHECK_THROWS_AS((cache<mqa<>, contiguous, full, fp16>({.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 8})),
+  CHECK_THROWS_AS((cache<mqa<>, contiguous, full, fp16>(
+                      {.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 8})),
                   kvcache::error);
-  CHECK_THROWS_WITH((cache<gqa<128>, contiguous, full, fp16>({.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 8})),
-                    Contains("static head_dim 128"));
+  CHECK_THROWS_WITH(
+      (cache<gqa<128>, contiguous, full, fp16>(
+          {.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 8})),
+      Contains("static head_dim 128"));
 }
 
 TEST_CASE("every entry point validates and keeps the strong guarantee", "[errors]") {
@@ -68,7 +80,11 @@ TEST_CASE("every entry point validates and keeps the strong guarantee", "[errors
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
   const std::size_t qh = 4, kvh = 2, d = 32;
-  C kv({.layers = 2, .q_heads = qh, .kv_heads = kvh, .head_dim = d, .max_tokens = 100,
+  C kv({.layers = 2,
+        .q_heads = qh,
+        .kv_heads = kvh,
+        .head_dim = d,
+        .max_tokens = 100,
         .threads = 2});
   auto a = kv.add_sequence(40), b = kv.add_sequence(20);
   // Some history to protect.
@@ -103,7 +119,8 @@ TEST_CASE("every entry point validates and keeps the strong guarantee", "[errors
     unchanged();
   }
   SECTION("the pool cannot reserve more than max_tokens") {
-    CHECK_THROWS_WITH(kv.add_sequence(41), Contains("cannot reserve 41 more tokens: 40 of max_tokens 100 are free"));
+    CHECK_THROWS_WITH(kv.add_sequence(41),
+                      Contains("cannot reserve 41 more tokens: 40 of max_tokens 100 are free"));
     unchanged();
   }
   SECTION("shape and stride mismatches") {
@@ -126,14 +143,15 @@ TEST_CASE("every entry point validates and keeps the strong guarantee", "[errors
     CHECK_THROWS_WITH(kv.attend(0, st, make_view<const float>(q.data(), 3, qh, d),
                                 make_view(out.data(), 3, qh, d), {.scale = -1.f}),
                       Contains("softmax scale -1"));
-    CHECK_THROWS_WITH(kv.attend(0, st, make_view<const float>(q.data(), 3, qh, d),
-                                make_view(out.data(), 3, qh, d),
-                                {.lse = make_view(out.data(), 3, qh + 1)}),
-                      Contains("lse has extent 5 on axis 1"));
+    CHECK_THROWS_WITH(
+        kv.attend(0, st, make_view<const float>(q.data(), 3, qh, d),
+                  make_view(out.data(), 3, qh, d), {.lse = make_view(out.data(), 3, qh + 1)}),
+        Contains("lse has extent 5 on axis 1"));
     CHECK(take(kv, ids, {10, 3}) == planned);
     // Row strides other than packed are accepted.
     auto wide = tensor_view<const float, 3>{big.data(), {3, qh, d}, {2 * qh * d, d, 1}};
-    kv.write(0, st, make_view<const float>(k.data(), 3, kvh, d), make_view<const float>(v.data(), 3, kvh, d));
+    kv.write(0, st, make_view<const float>(k.data(), 3, kvh, d),
+             make_view<const float>(v.data(), 3, kvh, d));
     CHECK_NOTHROW(kv.attend(0, st, wide, make_view(out.data(), 3, qh, d)));
   }
   SECTION("stale steps and steps of another cache") {

@@ -34,7 +34,10 @@ std::uint16_t oracle_half(float f) {
   std::uint16_t lo = 0, hi = 0x7bff;
   while (lo < hi) {
     const std::uint16_t mid = static_cast<std::uint16_t>((lo + hi + 1) / 2);
-    if (half_value(mid) <= a) lo = mid; else hi = static_cast<std::uint16_t>(mid - 1);
+    if (half_value(mid) <= a)
+      lo = mid;
+    else
+      hi = static_cast<std::uint16_t>(mid - 1);
   }
   std::uint16_t best = lo;
   if (lo < 0x7bff || a > half_value(0x7bff)) {
@@ -60,16 +63,38 @@ std::uint16_t oracle_bf16(float f) {
 }
 
 std::vector<float> edge_floats() {
-  std::vector<float> v = {0.f, -0.f, INFINITY, -INFINITY, NAN, -NAN,
-                          65504.f, 65519.99f, 65520.f, 65536.f, -65520.f, 1e30f, -1e30f,
-                          std::numeric_limits<float>::min(), std::numeric_limits<float>::denorm_min(),
-                          std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(),
-                          6.103515625e-05f, 6.0975552e-05f, 5.9604645e-08f, 2.9802322e-08f,
-                          2.9802326e-08f, 8.940697e-08f, 1.0f, 1.0009765625f, 1.00048828125f,
-                          1.000732421875f, 3.3895314e38f, 3.3961776e38f};
-  for (std::uint32_t b : {0x7f800001u, 0x7fc00000u, 0xffbfffffu, 0x7f7fffffu, 0x00000001u,
-                          0x807fffffu, 0x387fe000u, 0x387ff000u, 0x33800000u, 0x33000000u,
-                          0x33000001u, 0x477fefffu, 0x477ff000u})
+  std::vector<float> v = {0.f,
+                          -0.f,
+                          INFINITY,
+                          -INFINITY,
+                          NAN,
+                          -NAN,
+                          65504.f,
+                          65519.99f,
+                          65520.f,
+                          65536.f,
+                          -65520.f,
+                          1e30f,
+                          -1e30f,
+                          std::numeric_limits<float>::min(),
+                          std::numeric_limits<float>::denorm_min(),
+                          std::numeric_limits<float>::max(),
+                          -std::numeric_limits<float>::max(),
+                          6.103515625e-05f,
+                          6.0975552e-05f,
+                          5.9604645e-08f,
+                          2.9802322e-08f,
+                          2.9802326e-08f,
+                          8.940697e-08f,
+                          1.0f,
+                          1.0009765625f,
+                          1.00048828125f,
+                          1.000732421875f,
+                          3.3895314e38f,
+                          3.3961776e38f};
+  for (std::uint32_t b :
+       {0x7f800001u, 0x7fc00000u, 0xffbfffffu, 0x7f7fffffu, 0x00000001u, 0x807fffffu, 0x387fe000u,
+        0x387ff000u, 0x33800000u, 0x33000000u, 0x33000001u, 0x477fefffu, 0x477ff000u})
     v.push_back(std::bit_cast<float>(b));
   return v;
 }
@@ -83,8 +108,12 @@ void check_float_to_16(float f) {
     REQUIRE((b & 0x0040) != 0);
     return;
   }
-  if (h != oracle_half(f)) FAIL("half(" << f << " = 0x" << std::hex << std::bit_cast<std::uint32_t>(f) << ") = 0x" << h << ", expected 0x" << oracle_half(f));
-  if (b != oracle_bf16(f)) FAIL("bfloat16(0x" << std::hex << std::bit_cast<std::uint32_t>(f) << ") = 0x" << b << ", expected 0x" << oracle_bf16(f));
+  if (h != oracle_half(f))
+    FAIL("half(" << f << " = 0x" << std::hex << std::bit_cast<std::uint32_t>(f) << ") = 0x" << h
+                 << ", expected 0x" << oracle_half(f));
+  if (b != oracle_bf16(f))
+    FAIL("bfloat16(0x" << std::hex << std::bit_cast<std::uint32_t>(f) << ") = 0x" << b
+                       << ", expected 0x" << oracle_bf16(f));
 }
 
 }  // namespace
@@ -118,9 +147,14 @@ TEST_CASE("float to half and bfloat16 rounds to nearest even", "[half]") {
   for (int i = 0; i < 10'000'000; ++i) {
     float f;
     switch (i % 3) {
-      case 0: f = std::bit_cast<float>(bits(rng)); break;       // any pattern
-      case 1: f = near(rng); break;                              // the half range
-      default: f = std::ldexp(near(rng) / 70000.f, exps(rng));   // subnormals to overflow
+      case 0:
+        f = std::bit_cast<float>(bits(rng));
+        break;  // any pattern
+      case 1:
+        f = near(rng);
+        break;  // the half range
+      default:
+        f = std::ldexp(near(rng) / 70000.f, exps(rng));  // subnormals to overflow
     }
     check_float_to_16(f);
   }

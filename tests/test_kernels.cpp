@@ -23,9 +23,12 @@ inputs make_inputs(std::mt19937_64& rng, std::size_t n, std::size_t qh, std::siz
 // Runs `chunks` steps on a fresh single-sequence cache and returns every row's output.
 template <class Cache>
 std::vector<float> run_chunks(const inputs& in, const std::vector<std::size_t>& chunks,
-                              std::size_t qh, std::size_t kvh, std::size_t d,
-                              std::size_t threads) {
-  Cache kv({.layers = 1, .q_heads = qh, .kv_heads = kvh, .head_dim = d, .max_tokens = 8192,
+                              std::size_t qh, std::size_t kvh, std::size_t d, std::size_t threads) {
+  Cache kv({.layers = 1,
+            .q_heads = qh,
+            .kv_heads = kvh,
+            .head_dim = d,
+            .max_tokens = 8192,
             .threads = threads});
   auto s = kv.add_sequence();
   std::size_t total = 0;
@@ -50,8 +53,8 @@ double rel(const std::vector<float>& a, const std::vector<float>& b) {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("decode equals a one-token prefill, chunked equals one-shot", "[kernels]",
-                   fp32, fp16, bf16) {
+TEMPLATE_TEST_CASE("decode equals a one-token prefill, chunked equals one-shot", "[kernels]", fp32,
+                   fp16, bf16) {
   using C = cache<gqa<>, contiguous, full, TestType>;
   const auto seed = kvtest::test_seed();
   INFO("seed " << seed);

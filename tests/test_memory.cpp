@@ -42,9 +42,12 @@ TEST_CASE("memory_in_use equals the formula for live caches", "[memory]") {
     CHECK(kv.length(s) == 3);
   }
   SECTION("GQA fp32 with mixed capacities") {
-    cache<gqa<>, contiguous, full, fp32> kv(
-        {.layers = 3, .q_heads = 8, .kv_heads = 2, .head_dim = 80, .max_tokens = 1000,
-         .threads = 1});
+    cache<gqa<>, contiguous, full, fp32> kv({.layers = 3,
+                                             .q_heads = 8,
+                                             .kv_heads = 2,
+                                             .head_dim = 80,
+                                             .max_tokens = 1000,
+                                             .threads = 1});
     kv.add_sequence(100);
     kv.add_sequence(250);
     constexpr kv_shape shape{.layers = 3, .kv_heads = 2, .head_dim = 80};

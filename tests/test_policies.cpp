@@ -49,7 +49,8 @@ TEST_CASE("head_dim dispatch visits every compiled entry and falls back to runti
     auto s = kv.add_sequence();
     auto st = kv.begin_step({{s, 2}});
     std::vector<float> k(2 * d, 0.5f), q(4 * d, 0.25f), out(4 * d);
-    kv.write(0, st, make_view<const float>(k.data(), 2, 1, d), make_view<const float>(k.data(), 2, 1, d));
+    kv.write(0, st, make_view<const float>(k.data(), 2, 1, d),
+             make_view<const float>(k.data(), 2, 1, d));
     kv.attend(0, st, make_view<const float>(q.data(), 2, 2, d), make_view(out.data(), 2, 2, d));
     CHECK(out[0] == Approx(0.5f));
   }

@@ -61,8 +61,8 @@ struct append {
 
 //! Per-call options of attend().
 struct attend_options {
-  float scale = 0.f;             // 0: the cache's softmax scale
-  tensor_view<float, 2> lse{};   // (tokens, q_heads) natural-log log-sum-exp, if given
+  float scale = 0.f;            // 0: the cache's softmax scale
+  tensor_view<float, 2> lse{};  // (tokens, q_heads) natural-log log-sum-exp, if given
 };
 
 //! The host-side plan of one step, made by begin_step() and read by every
@@ -108,7 +108,9 @@ class cache {
   using backend = B;
 
   explicit cache(const cache_config& cfg)
-      : cfg_(cfg), layout_(make_layout(cfg_)), store_(layout_, cfg_.max_tokens),
+      : cfg_(cfg),
+        layout_(make_layout(cfg_)),
+        store_(layout_, cfg_.max_tokens),
         ctx_(cfg_.threads) {
     if (cfg_.max_seq_len == 0) cfg_.max_seq_len = cfg_.max_tokens;
     if (cfg_.softmax_scale == 0.f)
@@ -144,7 +146,9 @@ class cache {
   bool contains(seq_id id) const noexcept { return seqs_.count(id) != 0; }
   std::size_t sequences() const noexcept { return seqs_.size(); }
   std::size_t length(seq_id id) const { return find(id)->second.length; }
-  std::size_t capacity(seq_id id) const { return S::template state<B>::capacity(find(id)->second.region); }
+  std::size_t capacity(seq_id id) const {
+    return S::template state<B>::capacity(find(id)->second.region);
+  }
 
   // ---- steps ----------------------------------------------------------------
 
@@ -171,10 +175,9 @@ class cache {
       detail::require(a.tokens > 0, "sequence ", static_cast<std::uint64_t>(a.seq),
                       " appends 0 tokens; a step appends at least 1");
       const std::size_t cap = state_t::capacity(s.region);
-      detail::require(a.tokens <= cap - s.length, "sequence ",
-                      static_cast<std::uint64_t>(a.seq), " holds ", s.length, " tokens; ",
-                      a.tokens, " more exceed its capacity of ", cap, " under ", E::name,
-                      " eviction");
+      detail::require(a.tokens <= cap - s.length, "sequence ", static_cast<std::uint64_t>(a.seq),
+                      " holds ", s.length, " tokens; ", a.tokens, " more exceed its capacity of ",
+                      cap, " under ", E::name, " eviction");
       seq_view v;
       v.pages = state_t::pages(s.region);
       v.page_tokens = state_t::page_tokens(s.region);
@@ -219,8 +222,8 @@ class cache {
     detail::dispatch_head_dim<G::head_dim>(layout_.head_dim, [&](auto d) {
       constexpr std::size_t D = decltype(d)::value;
       run_decode<D>(layer, st, q, out, opt.lse, scale);
-      detail::prefill_args pa{&layout_, layer,   st.seqs_.data(),   &st.plan_,       q,
-                              scale,    out,     opt.lse,           scratch_.data(), scratch_floats_};
+      detail::prefill_args pa{&layout_, layer, st.seqs_.data(), &st.plan_,       q,
+                              scale,    out,   opt.lse,         scratch_.data(), scratch_floats_};
       detail::prefill<P, D>(ctx_.pool, pa);
     });
   }
@@ -243,8 +246,8 @@ class cache {
                     layout_.layers);
     detail::require(token < s.length, "token ", token, " is out of range; sequence ",
                     static_cast<std::uint64_t>(id), " holds ", s.length);
-    detail::require(kind < 2 && kv_head < layout_.kv_heads, "kind ", kind, " / kv_head ",
-                    kv_head, " is out of range (kinds 2, kv_heads ", layout_.kv_heads, ")");
+    detail::require(kind < 2 && kv_head < layout_.kv_heads, "kind ", kind, " / kv_head ", kv_head,
+                    " is out of range (kinds 2, kv_heads ", layout_.kv_heads, ")");
     seq_view v;
     v.pages = state_t::pages(s.region);
     v.page_tokens = state_t::page_tokens(s.region);
@@ -307,9 +310,8 @@ class cache {
   void reserve_workspace(const detail::work_plan& plan) {
     const std::size_t g = layout_.group(), dim = layout_.head_dim;
     std::size_t groups = plan.decode_groups.size() - 1;
-    const std::size_t per_worker =
-        std::max(detail::decode_scratch_floats(layout_),
-                 detail::prefill_scratch_floats(layout_, plan.max_rows));
+    const std::size_t per_worker = std::max(detail::decode_scratch_floats(layout_),
+                                            detail::prefill_scratch_floats(layout_, plan.max_rows));
     const std::size_t need_scratch = per_worker * ctx_.pool.size();
     const std::size_t need_partial = plan.decode.size() * g * (dim + 1);
     const std::size_t need_q = groups * g * dim;
@@ -321,8 +323,7 @@ class cache {
 
   template <std::size_t D>
   void run_decode(std::size_t layer, const step& st, const tensor_view<const float, 3>& q,
-                  const tensor_view<float, 3>& out, const tensor_view<float, 2>& lse,
-                  float scale) {
+                  const tensor_view<float, 3>& out, const tensor_view<float, 2>& lse, float scale) {
     const auto& plan = st.plan_;
     if (plan.decode.empty()) return;
     const std::size_t g = layout_.group(), dim = layout_.head_dim;
@@ -336,8 +337,8 @@ class cache {
         for (std::size_t d = 0; d < dim; ++d) dst[d] = src[d] * scale;
       }
     }
-    detail::decode_args da{&layout_,       layer,           st.seqs_.data(), &plan,
-                           qs_.data(),     partial_.data(), scratch_.data(), scratch_floats_};
+    detail::decode_args da{&layout_,   layer,           st.seqs_.data(), &plan,
+                           qs_.data(), partial_.data(), scratch_.data(), scratch_floats_};
     detail::decode<P, D>(ctx_.pool, da, out, lse);
   }
 

@@ -52,16 +52,16 @@ concept grouping_policy = requires(std::size_t n) {
 //! array of that type; the kernels then read it with vector loads instead of
 //! calling decode.
 template <class P>
-concept precision_policy =
-    requires(const float* src, float* dst, std::byte* out, const std::byte* in, std::size_t n) {
-      requires std::same_as<typename P::axis, precision_tag>;
-      { P::name } -> std::convertible_to<std::string_view>;
-      { P::row_bytes(n) } -> std::same_as<std::size_t>;
-      P::check_dim(n);
-      P::encode(src, out, n);
-      P::decode(in, dst, n);
-      { P::tolerance } -> std::convertible_to<double>;
-    };
+concept precision_policy = requires(const float* src, float* dst, std::byte* out,
+                                    const std::byte* in, std::size_t n) {
+  requires std::same_as<typename P::axis, precision_tag>;
+  { P::name } -> std::convertible_to<std::string_view>;
+  { P::row_bytes(n) } -> std::same_as<std::size_t>;
+  P::check_dim(n);
+  P::encode(src, out, n);
+  P::decode(in, dst, n);
+  { P::tolerance } -> std::convertible_to<double>;
+};
 
 //! eviction_policy<E>: which tokens stay in the cache.
 //!  1. E::axis is eviction_tag.

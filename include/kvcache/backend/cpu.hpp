@@ -19,10 +19,10 @@ struct cpu {
   static constexpr std::size_t alignment = 64;
 
   static void* allocate(std::size_t bytes) {
-    return ::operator new(bytes == 0 ? 1 : bytes, std::align_val_t{alignment});
+    return ::operator new (bytes == 0 ? 1 : bytes, std::align_val_t{alignment});
   }
   static void deallocate(void* p, std::size_t) noexcept {
-    ::operator delete(p, std::align_val_t{alignment});
+    ::operator delete (p, std::align_val_t{alignment});
   }
 
   struct context {

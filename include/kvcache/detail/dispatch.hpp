@@ -24,7 +24,7 @@ template <std::size_t Static, class F>
 void dispatch_head_dim(std::size_t dim, F&& f) {
   if constexpr (Static != dynamic) {
     constexpr bool compiled = Static == 64 || Static == 128 || Static == 256;
-    f(std::integral_constant<std::size_t, compiled ? Static : 0>{});
+    f(std::integral_constant < std::size_t, compiled ? Static : 0 > {});
   } else {
     bool done = false;
     [&]<std::size_t... I>(std::index_sequence<I...>) {
@@ -32,7 +32,8 @@ void dispatch_head_dim(std::size_t dim, F&& f) {
             ? (f(std::integral_constant<std::size_t, compiled_head_dims[I]>{}), done = true)
             : false),
        ...);
-    }(std::make_index_sequence<compiled_head_dims.size()>{});
+    }
+    (std::make_index_sequence<compiled_head_dims.size()>{});
     if (!done) f(std::integral_constant<std::size_t, 0>{});
   }
 }

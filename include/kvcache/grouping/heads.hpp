@@ -31,8 +31,8 @@ struct mha {
   static constexpr std::string_view name = "mha";
   static constexpr std::size_t head_dim = HeadDim;
   static std::size_t kv_heads(std::size_t q_heads, std::size_t kv) {
-    detail::require(kv == 0 || kv == q_heads, "mha stores one KV head per query head; kv_heads ", kv,
-            " differs from q_heads ", q_heads, " (use gqa)");
+    detail::require(kv == 0 || kv == q_heads, "mha stores one KV head per query head; kv_heads ",
+                    kv, " differs from q_heads ", q_heads, " (use gqa)");
     detail::check_grouping(q_heads, q_heads);
     return q_heads;
   }

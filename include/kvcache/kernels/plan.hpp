@@ -32,13 +32,14 @@ struct prefill_item {
 
 struct work_plan {
   std::vector<decode_item> decode;
-  std::vector<std::size_t> decode_groups;  // (pairs + 1) offsets into decode, one group per (seq, head)
+  std::vector<std::size_t>
+      decode_groups;  // (pairs + 1) offsets into decode, one group per (seq, head)
   std::vector<prefill_item> prefill;
   std::size_t max_rows = 0;  // largest prefill tile, in query rows
 };
 
-inline constexpr std::size_t decode_tile = 16;     // tokens scored per vector pass
-inline constexpr std::size_t decode_streams = 4;   // items interleaved per thread task
+inline constexpr std::size_t decode_tile = 16;    // tokens scored per vector pass
+inline constexpr std::size_t decode_streams = 4;  // items interleaved per thread task
 inline constexpr std::size_t prefill_kv_tile = 64;
 
 //! Token chunk for decode splits: ~256 items per step, each 256..4096 tokens.

@@ -42,8 +42,8 @@ struct contiguous {
     region create(std::size_t capacity) {
       detail::require(capacity > 0, "sequence capacity is 0; it must be at least 1 token");
       detail::require(capacity <= max_tokens_ - slots_, "the cache cannot reserve ", capacity,
-              " more tokens: ", max_tokens_ - slots_, " of max_tokens ", max_tokens_,
-              " are free");
+                      " more tokens: ", max_tokens_ - slots_, " of max_tokens ", max_tokens_,
+                      " are free");
       region r{static_cast<std::byte*>(B::allocate(layout_.page_bytes(capacity))), capacity};
       slots_ += capacity;
       return r;

@@ -27,9 +27,9 @@ struct decode_args {
   std::size_t layer;
   const seq_view* seqs;
   const work_plan* plan;
-  const float* qs;    // (decode group, g, dim)   queries pre-multiplied by the scale
-  float* partial;     // (decode item, g, dim + 1) normalised output, then lse
-  float* scratch;     // (worker, scratch_floats)
+  const float* qs;  // (decode group, g, dim)   queries pre-multiplied by the scale
+  float* partial;   // (decode item, g, dim + 1) normalised output, then lse
+  float* scratch;   // (worker, scratch_floats)
   std::size_t scratch_floats;
 };
 
@@ -95,7 +95,8 @@ KVCACHE_ALWAYS_INLINE void decode_tile_update(decode_stream& s, const row_t<P>* 
     }
     for (std::size_t c = 0; c < nc; ++c) {
       vf ov[HB];
-      for (std::size_t h = 0; h < HB; ++h) ov[h] = load(s.o + (hb + h) * stride + c * lanes) * corr[h];
+      for (std::size_t h = 0; h < HB; ++h)
+        ov[h] = load(s.o + (hb + h) * stride + c * lanes) * corr[h];
       for (std::size_t j = 0; j < n; ++j) {
         const vf vv = load(V + j * dim + c * lanes);
         for (std::size_t h = 0; h < HB; ++h) ov[h] += sc[(hb + h) * decode_tile + j] * vv;
@@ -113,9 +114,9 @@ void decode_task(const decode_args& a, std::size_t first, std::size_t count, flo
   const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
   const std::size_t stride = dim + 1;
   decode_stream st[decode_streams];
-  float* sc = scratch;                               // (g, decode_tile)
-  float* ml = sc + g * decode_tile;                  // (streams, 2, g)
-  float* conv = ml + 2 * g * decode_streams;         // (2, decode_tile, dim) for decoded rows
+  float* sc = scratch;                        // (g, decode_tile)
+  float* ml = sc + g * decode_tile;           // (streams, 2, g)
+  float* conv = ml + 2 * g * decode_streams;  // (2, decode_tile, dim) for decoded rows
   // Group index of each item: items of a group are adjacent, found by search.
   const auto& groups = a.plan->decode_groups;
   for (std::size_t i = 0; i < count; ++i) {

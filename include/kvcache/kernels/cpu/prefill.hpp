@@ -51,11 +51,11 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
   const seq_view& sv = a.seqs[it.seq];
   const std::size_t nrows = (it.row_end - it.row_begin) * g, R = prefill_rows_padded(nrows);
 
-  float* Q = scratch;        // (R, dim)  scaled queries
-  float* O = Q + R * dim;    // (R, dim)  unnormalised output
-  float* S = O + R * dim;    // (R, B)    scores, then weights
-  float* Kt = S + R * B;     // (dim, B)  K tile, transposed
-  float* Vf = Kt + dim * B;  // (B, dim)  V tile
+  float* Q = scratch;          // (R, dim)  scaled queries
+  float* O = Q + R * dim;      // (R, dim)  unnormalised output
+  float* S = O + R * dim;      // (R, B)    scores, then weights
+  float* Kt = S + R * B;       // (dim, B)  K tile, transposed
+  float* Vf = Kt + dim * B;    // (B, dim)  V tile
   float* conv = Vf + B * dim;  // (B, dim) decoded rows for non-direct precisions
   float* m = conv + B * dim;   // (R)
   float* l = m + R;            // (R)
@@ -74,7 +74,9 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     const float* src = &a.q(sv.q_begin + tok, h, 0);
     for (std::size_t d = 0; d < dim; ++d) Q[r * dim + d] = src[d] * a.scale;
   }
-  auto row_pos = [&](std::size_t r) { return r < nrows ? sv.first_pos + it.row_begin + r / g : last_pos; };
+  auto row_pos = [&](std::size_t r) {
+    return r < nrows ? sv.first_pos + it.row_begin + r / g : last_pos;
+  };
   const std::size_t kr = L.run_offset(sv.page_tokens, a.layer, 0, it.head);
   const std::size_t vr = L.run_offset(sv.page_tokens, a.layer, 1, it.head);
 

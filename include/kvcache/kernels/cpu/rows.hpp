@@ -15,10 +15,11 @@ inline namespace v0 {
 namespace detail {
 
 template <class P>
-concept direct_rows = requires { typename P::element; } &&
-                      (std::same_as<typename P::element, float> ||
-                       std::same_as<typename P::element, half> ||
-                       std::same_as<typename P::element, bfloat16>);
+concept direct_rows = requires {
+  typename P::element;
+}
+&&(std::same_as<typename P::element, float> || std::same_as<typename P::element, half> ||
+   std::same_as<typename P::element, bfloat16>);
 
 template <class P>
 struct row_type {

@@ -13,8 +13,8 @@ namespace detail::cuda {
 
 //! Merges `splits` partials per row: o (rows, splits, dim), lse (rows, splits)
 //! into out (rows, dim) and out_lse (rows). One thread per row.
-__global__ void merge_splits(const float* o, const float* lse, float* out, float* out_lse,
-                             int rows, int splits, int dim) {
+__global__ void merge_splits(const float* o, const float* lse, float* out, float* out_lse, int rows,
+                             int splits, int dim) {
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= rows) return;
   float acc_lse = -INFINITY;
