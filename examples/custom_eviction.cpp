@@ -1,46 +1,58 @@
 // A custom eviction policy written only against the eviction_policy concept.
-// `never_evict` documents a cache that must keep every token of a prompt for
-// exact prefix reuse: it evicts nothing, like `full`, and the cache enforces
-// capacity instead of dropping tokens. (Evicting policies need a storage that
-// reuses slots; the combination is rejected at compile time otherwise.)
+//
+// capped<N>: a non-evicting policy for a model with a fixed context of N
+// tokens. Every token stays (evicts = false, keep() is always true), and
+// capped<N>::max_length is the capacity to give each sequence, so the
+// (N + 1)-th token is refused with a kvcache::error instead of being dropped
+// or silently truncated.
+//
+// The cache reads only `evicts` (a static_assert rejects an evicting policy on
+// storage that cannot reuse slots) and `name` (in error messages). keep() is
+// the rule an evicting storage will apply; for a non-evicting policy it must
+// keep every token.
 #include <cstdio>
 #include <kvcache/kvcache.hpp>
 #include <vector>
 
-struct never_evict {
+template <std::size_t N>
+struct capped {
+  static_assert(N > 0, "capped<N> needs N >= 1");
   using axis = kvcache::eviction_tag;
-  static constexpr std::string_view name = "never_evict";
+  static constexpr std::string_view name = "capped";
   static constexpr bool evicts = false;
-  static constexpr bool keep(std::size_t, std::size_t) noexcept { return true; }
+  static constexpr std::size_t max_length = N;
+  static constexpr bool keep(std::size_t /*position*/, std::size_t /*length*/) noexcept {
+    return true;
+  }
 };
-static_assert(kvcache::eviction_policy<never_evict>);
-
-// A policy that would drop old tokens: it satisfies the concept, and
-// cache<..., contiguous, sliding_keep_last, ...> is rejected by a static_assert
-// because contiguous storage cannot reuse slots (see docs/policies.md).
-struct sliding_keep_last {
-  using axis = kvcache::eviction_tag;
-  static constexpr std::string_view name = "sliding_keep_last";
-  static constexpr bool evicts = true;
-  static constexpr bool keep(std::size_t pos, std::size_t len) noexcept { return pos + 8 >= len; }
-};
-static_assert(kvcache::eviction_policy<sliding_keep_last>);
 
 int main() {
   using namespace kvcache;
-  cache<mqa<64>, contiguous, never_evict, fp16> kv(
-      {.layers = 1, .q_heads = 4, .max_tokens = 16, .threads = 1});
-  auto s = kv.add_sequence(10);
-  std::vector<float> k(10 * 64, 1.f), q(10 * 4 * 64, 0.1f), out(10 * 4 * 64);
-  auto st = kv.begin_step({{s, 10}});
-  kv.write(0, st, make_view<const float>(k.data(), 10, 1, 64),
-           make_view<const float>(k.data(), 10, 1, 64));
-  kv.attend(0, st, make_view<const float>(q.data(), 10, 4, 64), make_view(out.data(), 10, 4, 64));
+  using policy = capped<12>;
+  constexpr std::size_t qh = 4, d = 64, prompt = 8;
+  cache<mqa<d>, contiguous, policy, fp16> kv(
+      {.layers = 1, .q_heads = qh, .max_tokens = 4 * policy::max_length, .threads = 1});
+  const seq_id s = kv.add_sequence(policy::max_length);
+
+  std::vector<float> k(prompt * d, 1.f), q(prompt * qh * d, 0.1f), out(prompt * qh * d);
+  auto one_step = [&](std::size_t t) {
+    const step st = kv.begin_step({{s, t}});
+    kv.write(0, st, make_view(k.data(), t, 1, d), make_view(k.data(), t, 1, d));
+    kv.attend(0, st, make_view(q.data(), t, qh, d), make_view(out.data(), t, qh, d));
+  };
+  one_step(prompt);                                       // prefill
+  while (kv.length(s) < policy::max_length) one_step(1);  // decode up to the cap
+  std::printf("%.*s<%zu>: %zu tokens kept, %zu bytes reserved\n",
+              static_cast<int>(policy::name.size()), policy::name.data(), policy::max_length,
+              kv.length(s), kv.memory_in_use());
+
   try {
-    kv.begin_step({{s, 1}});  // the 11th token does not fit and is not silently dropped
+    kv.begin_step({{s, 1}});
     return 1;
   } catch (const kvcache::error& e) {
-    std::printf("never_evict keeps all %zu tokens; appending more: %s\n", kv.length(s), e.what());
+    std::printf("token %zu refused: %s\n", policy::max_length + 1, e.what());
   }
-  return kv.length(s) == 10 ? 0 : 1;
+  return kv.length(s) == policy::max_length ? 0 : 1;  // the failed step changed nothing
 }
+
+static_assert(kvcache::eviction_policy<capped<12>>);
