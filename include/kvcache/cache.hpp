@@ -285,18 +285,16 @@ class cache {
     return L;
   }
 
-  auto find(seq_id id) {
-    auto it = seqs_.find(id);
-    detail::require(it != seqs_.end(), "sequence ", static_cast<std::uint64_t>(id),
+  // One lookup for the const and non-const members.
+  template <class Self>
+  static auto find_in(Self& self, seq_id id) {
+    auto it = self.seqs_.find(id);
+    detail::require(it != self.seqs_.end(), "sequence ", static_cast<std::uint64_t>(id),
                     " is unknown or was removed");
     return it;
   }
-  auto find(seq_id id) const {
-    auto it = seqs_.find(id);
-    detail::require(it != seqs_.end(), "sequence ", static_cast<std::uint64_t>(id),
-                    " is unknown or was removed");
-    return it;
-  }
+  auto find(seq_id id) { return find_in(*this, id); }
+  auto find(seq_id id) const { return find_in(*this, id); }
 
   void check_step(std::size_t layer, const step& st) const {
     detail::require(st.owner_ == this, "the step was planned by another cache");

@@ -23,7 +23,11 @@ namespace detail {
 template <std::size_t Static, class F>
 void dispatch_head_dim(std::size_t dim, F&& f) {
   if constexpr (Static != dynamic) {
-    constexpr bool compiled = Static == 64 || Static == 128 || Static == 256;
+    constexpr bool compiled = [] {
+      for (std::size_t d : compiled_head_dims)
+        if (d == Static) return true;
+      return false;
+    }();
     f(std::integral_constant < std::size_t, compiled ? Static : 0 > {});
   } else {
     bool done = false;
