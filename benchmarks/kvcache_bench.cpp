@@ -131,9 +131,24 @@ double median_of(std::vector<double> v) {
 
 // The probe's 1 GiB, allocated on first use and freed when decode starts (the
 // largest decode cache needs 2 GiB of its own).
-std::vector<float> g_probe_buffer;
+// It comes from the cpu backend's allocator, as the caches' memory does, so
+// that both get the same page size (transparent huge pages where the system
+// grants them): a ceiling measured on smaller pages would flatter the kernels.
+struct probe_buffer {
+  float* data = nullptr;
+  bool empty() const { return data == nullptr; }
+  void allocate() {
+    data = static_cast<float*>(cpu::allocate(kProbeBytes));
+    std::fill(data, data + kProbeBytes / sizeof(float), 1.0f);
+  }
+  void release() {
+    if (data) cpu::deallocate(data, kProbeBytes);
+    data = nullptr;
+  }
+};
+probe_buffer g_probe_buffer;
 
-void release_probe_buffer() { std::vector<float>().swap(g_probe_buffer); }
+void release_probe_buffer() { g_probe_buffer.release(); }
 
 // Vectors of 16 floats: one zmm register with AVX-512, two ymm with AVX2.
 using probe_vec = float __attribute__((vector_size(64)));
@@ -155,8 +170,8 @@ double probe_pass_bytes() {
 double read_pass() {
   using vf = probe_vec;
   constexpr std::size_t lanes = kProbeLanes;
-  if (g_probe_buffer.empty()) g_probe_buffer.assign(kProbeBytes / sizeof(float), 1.0f);
-  const float* data = g_probe_buffer.data();
+  if (g_probe_buffer.empty()) g_probe_buffer.allocate();
+  const float* data = g_probe_buffer.data;
   const std::size_t slice = probe_slice(), stream = probe_stream();
   std::vector<float> sums(hw_threads());
   const auto t0 = std::chrono::steady_clock::now();
