@@ -175,11 +175,12 @@ KVCACHE_ALWAYS_INLINE void decode_tile_update(decode_stream& s, const row_t<P>* 
       for (std::size_t h = 0; h < HB; ++h)
         for (std::size_t c = 0; c < cn; ++c)
           ov[h][c] = load(s.o + (hb + h) * stride + (c0 + c) * lanes) * corr[h];
-      for (std::size_t j = 0; j < n; ++j)
+      for (std::size_t j = 0; j < n; ++j) {
         for (std::size_t c = 0; c < cn; ++c) {
           const vf vv = load(V + j * dim + (c0 + c) * lanes);
           for (std::size_t h = 0; h < HB; ++h) ov[h][c] += sc[h * decode_tile + j] * vv;
         }
+      }
       for (std::size_t h = 0; h < HB; ++h)
         for (std::size_t c = 0; c < cn; ++c)
           store(s.o + (hb + h) * stride + (c0 + c) * lanes, ov[h][c]);
