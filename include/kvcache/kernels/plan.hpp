@@ -48,12 +48,16 @@ inline std::size_t decode_chunk(std::size_t total_tokens) noexcept {
   return (c + decode_tile - 1) / decode_tile * decode_tile;
 }
 
-inline work_plan make_plan(const kv_layout& layout, const std::vector<seq_view>& seqs) {
+//! `decode_begin`, if not empty, gives each sequence's first token for decode
+//! to read (a cascade computes the shared prefix before it separately).
+inline work_plan make_plan(const kv_layout& layout, const std::vector<seq_view>& seqs,
+                           const std::vector<std::size_t>& decode_begin = {}) {
   work_plan plan;
   const std::size_t g = layout.group();
+  auto begin = [&](std::size_t i) { return decode_begin.empty() ? 0 : decode_begin[i]; };
   std::size_t decode_tokens = 0;
-  for (const auto& s : seqs)
-    if (s.q_len == 1) decode_tokens += s.kv_len * layout.kv_heads;
+  for (std::size_t i = 0; i < seqs.size(); ++i)
+    if (seqs[i].q_len == 1) decode_tokens += (seqs[i].kv_len - begin(i)) * layout.kv_heads;
   const std::size_t chunk = decode_chunk(decode_tokens);
   // A prefill tile covers ~64 query rows of one KV head's group.
   const std::size_t tile_tokens = std::max<std::size_t>(1, 64 / g);
@@ -62,7 +66,7 @@ inline work_plan make_plan(const kv_layout& layout, const std::vector<seq_view>&
     const auto& s = seqs[i];
     for (std::uint32_t h = 0; h < layout.kv_heads; ++h) {
       if (s.q_len == 1) {
-        for (std::size_t b = 0; b < s.kv_len; b += chunk)
+        for (std::size_t b = begin(i); b < s.kv_len; b += chunk)
           plan.decode.push_back({i, h, b, std::min(s.kv_len, b + chunk)});
         plan.decode_groups.push_back(plan.decode.size());
       } else {
