@@ -317,7 +317,11 @@ struct paged {
     //! Bytes of pool memory taken from the backend so far (whole slabs).
     std::size_t bytes_reserved() const noexcept { return allocated_ * page_bytes_; }
     //! How many sequences hold the page at `base` (a page table entry).
-    std::size_t page_refs(const std::byte* base) const noexcept { return meta_[number(base)].refs; }
+    //! 0 for an address that is not a page of this pool.
+    std::size_t page_refs(const std::byte* base) const noexcept {
+      const std::uint32_t p = number(base);
+      return p == none ? 0 : meta_[p].refs;
+    }
 
     //! Drops every cached, unreferenced page from the prefix index.
     void clear_prefix_cache() noexcept {
