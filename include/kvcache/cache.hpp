@@ -462,10 +462,11 @@ class cache {
   //! Registers a region as a new sequence; seqs_ has room for it.
   seq_id insert(region_t&& r, std::size_t length) {
     const seq_id id{next_id_};
+    sequence s{std::move(r), length};
     try {
-      seqs_.emplace(id, sequence{std::move(r), length});
+      seqs_.emplace(id, std::move(s));  // a node allocation that fails leaves s whole
     } catch (...) {
-      store_.destroy(r);
+      store_.destroy(s.region);
       throw;
     }
     ++next_id_;
