@@ -394,8 +394,22 @@ TEST_CASE("paged errors name the value and the limit and change nothing", "[page
   h.run({{a, 40}, {b, 20}});  // 3 + 2 pages
   auto c = h.fork(a);
   const std::size_t bytes = kv.memory_in_use();
+  auto rows = [&] {  // every stored K and V row of the three sequences
+    std::vector<float> all, row(h.dim);
+    for (seq_id s : {a, b, c})
+      for (std::size_t l = 0; l < 2; ++l)
+        for (std::size_t t = 0; t < kv.length(s); ++t)
+          for (std::size_t kind = 0; kind < 2; ++kind)
+            for (std::size_t hd = 0; hd < h.kv_heads; ++hd) {
+              kv.read_row(l, s, t, kind, hd, row.data());
+              all.insert(all.end(), row.begin(), row.end());
+            }
+    return all;
+  };
+  const std::vector<float> stored = rows();
   auto same = [&] {
     CHECK(kv.memory_in_use() == bytes);
+    CHECK(rows() == stored);
     CHECK(kv.length(a) == 40);
     CHECK(kv.length(b) == 20);
     CHECK(kv.length(c) == 40);
