@@ -465,6 +465,284 @@ void prefill(benchmark::State& state, std::size_t tokens) {
   state.counters["gemm_fraction"] = rate / ceiling;
 }
 
+// ---- paged storage ------------------------------------------------------------
+//
+//   decode/fp16/paged16/full/<context>/<batch>
+//                    as decode/fp16/contiguous/..., on paged<16> storage; a batch
+//                    is filled round-robin in 512-token chunks so that the
+//                    sequences' pages interleave in the pool
+//   cascade/fp16/paged16/full/4096+64/8, cascade_off/...
+//                    8 sequences forked from one 4096-token prefix, each with
+//                    64 private tokens, decoding one token each; with and
+//                    without cascade attention. kv_bytes_per_second counts the
+//                    bytes attended (as if unshared); bytes_read_ratio is what
+//                    plain decode reads over what the cascade reads;
+//                    time_ratio (on the cascade row) is cascade_off's mean
+//                    step time over the cascade's, from the same run
+//   ops/fp16/paged16/<op>/32768
+//                    fork, truncate (of 8 and of 16384 tokens) and match_prefix
+//                    of a 32768-token sequence (2048 pages); manual timing of
+//                    the call alone, the undo outside it
+
+using paged16_cache = cache<gqa<kHeadDim>, paged<16>, full, fp16>;
+constexpr std::size_t kPagedFillChunk = 512;
+constexpr std::size_t kSharedPrefix = 4096, kPrivateSuffix = 64, kSharingBatch = 8;
+constexpr std::size_t kOpsContext = 32768;
+
+cache_config paged_config(std::size_t max_tokens, std::size_t cascade_min_tokens = 256) {
+  return {.layers = 1,
+          .q_heads = kQHeads,
+          .kv_heads = kKVHeads,
+          .max_tokens = max_tokens,
+          .threads = 0,
+          .cascade_min_tokens = cascade_min_tokens};
+}
+
+//! Appends `n` tokens to every sequence of `seqs` in one step and writes them.
+void append_written(paged16_cache& kv, const std::vector<seq_id>& seqs, std::size_t n,
+                    std::size_t source_offset = 0) {
+  std::vector<append> ap;
+  for (seq_id s : seqs) ap.push_back({s, n});
+  const step st = kv.begin_step(ap);
+  const std::size_t rows = n * seqs.size(), row = kKVHeads * kHeadDim;
+  // Sources are reused cyclically: their values do not change the timing.
+  std::vector<float> k(rows * row), v(rows * row);
+  for (std::size_t r = 0; r < rows; ++r) {
+    const std::size_t src = (source_offset + r) % kMaxContext * row;
+    std::copy_n(source_k().data() + src, row, k.data() + r * row);
+    std::copy_n(source_v().data() + src, row, v.data() + r * row);
+  }
+  kv.write(0, st, make_view<const float>(k.data(), rows, kKVHeads, kHeadDim),
+           make_view<const float>(v.data(), rows, kKVHeads, kHeadDim));
+}
+
+struct paged_decode_fixture : fixture {
+  paged_decode_fixture(std::size_t context_, std::size_t batch_)
+      : context(context_),
+        batch(batch_),
+        kv(paged_config(batch_ * (context_ + kDecodeMargin))),
+        out(batch_ * kQHeads * kHeadDim) {
+    fill();
+  }
+  void fill() {
+    for (seq_id s : seqs) kv.remove_sequence(s);
+    seqs.clear();
+    appends.clear();
+    for (std::size_t b = 0; b < batch; ++b) {
+      seqs.push_back(kv.add_sequence(context + kDecodeMargin));
+      appends.push_back({seqs.back(), 1});
+    }
+    for (std::size_t done = 0; done < context - 1; done += kPagedFillChunk)
+      append_written(kv, seqs, std::min(kPagedFillChunk, context - 1 - done), done);
+    decoded = 0;
+  }
+  void decode_step() {
+    const step st = kv.begin_step(appends);
+    kv.write(0, st, make_view(source_k().data(), batch, kKVHeads, kHeadDim),
+             make_view(source_v().data(), batch, kKVHeads, kHeadDim));
+    kv.attend(0, st, make_view(source_q().data(), batch, kQHeads, kHeadDim),
+              make_view(out.data(), batch, kQHeads, kHeadDim));
+    ++decoded;
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  std::size_t context, batch;
+  paged16_cache kv;
+  std::vector<seq_id> seqs;
+  std::vector<append> appends;
+  std::vector<float> out;
+  std::size_t decoded = 0;
+};
+
+void decode_paged(benchmark::State& state, const std::string& name, std::size_t context,
+                  std::size_t batch) {
+  const double ceiling = read_ceiling();
+  release_probe_buffer();
+  auto& fx = fixture_for<paged_decode_fixture>(name, context, batch);
+  const double token_bytes = 2.0 * kKVHeads * double(fp16::row_bytes(kHeadDim));
+  double bytes = 0;
+  timed_region timer;
+  for (auto _ : state) {
+    if (fx.decoded == kDecodeMargin) {
+      timer.pause(state);
+      fx.fill();
+      timer.resume(state);
+    }
+    bytes += double(batch) * double(context + fx.decoded) * token_bytes;
+    fx.decode_step();
+  }
+  const double rate = bytes / timer.seconds();
+  state.counters["kv_bytes_per_second"] = rate;
+  state.counters["read_bw_fraction"] = rate / ceiling;
+}
+
+//! 8 sequences sharing a 4096-token prefix, each with 64 private tokens.
+struct sharing_fixture : fixture {
+  explicit sharing_fixture(bool cascade_)
+      : kv(paged_config(kSharedPrefix + kSharingBatch * (kPrivateSuffix + kDecodeMargin + 16),
+                        cascade_ ? 256 : 0)),
+        out(kSharingBatch * kQHeads * kHeadDim) {
+    const seq_id root = kv.add_sequence(kSharedPrefix + kPrivateSuffix + kDecodeMargin);
+    for (std::size_t done = 0; done < kSharedPrefix; done += kPagedFillChunk)
+      append_written(kv, {root}, kPagedFillChunk, done);
+    seqs.push_back(root);
+    for (std::size_t b = 1; b < kSharingBatch; ++b) seqs.push_back(kv.fork(root));
+    append_written(kv, seqs, kPrivateSuffix - 1, kSharedPrefix);
+    for (seq_id s : seqs) appends.push_back({s, 1});
+  }
+  //! Drops the decoded tokens: the next step reads 4096 + 64 tokens again.
+  void rewind() {
+    for (seq_id s : seqs) kv.truncate(s, kSharedPrefix + kPrivateSuffix - 1);
+    decoded = 0;
+  }
+  bool step_is_cascaded() {
+    const step st = kv.begin_step(appends);
+    const bool c = st.cascaded() == kSharingBatch;
+    rewind();
+    return c;
+  }
+  void decode_step() {
+    const step st = kv.begin_step(appends);
+    kv.write(0, st, make_view(source_k().data(), kSharingBatch, kKVHeads, kHeadDim),
+             make_view(source_v().data(), kSharingBatch, kKVHeads, kHeadDim));
+    kv.attend(0, st, make_view(source_q().data(), kSharingBatch, kQHeads, kHeadDim),
+              make_view(out.data(), kSharingBatch, kQHeads, kHeadDim));
+    ++decoded;
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  paged16_cache kv;
+  std::vector<seq_id> seqs;
+  std::vector<append> appends;
+  std::vector<float> out;
+  std::size_t decoded = 0;
+};
+
+double g_cascade_off_step = 0;  // mean seconds per step of the last cascade_off run
+
+void shared_decode(benchmark::State& state, const std::string& name, bool cascade) {
+  release_probe_buffer();
+  auto& fx = fixture_for<sharing_fixture>(name, cascade);
+  if (fx.step_is_cascaded() != cascade) {
+    state.SkipWithError("the step was not planned as expected");
+    return;
+  }
+  const double token_bytes = 2.0 * kKVHeads * double(fp16::row_bytes(kHeadDim));
+  double attended = 0, read = 0;
+  timed_region timer;
+  for (auto _ : state) {
+    if (fx.decoded == kDecodeMargin) {
+      timer.pause(state);
+      fx.rewind();
+      timer.resume(state);
+    }
+    const double own = double(kPrivateSuffix + fx.decoded);
+    attended += double(kSharingBatch) * (double(kSharedPrefix) + own) * token_bytes;
+    read += (double(kSharedPrefix) + double(kSharingBatch) * own) * token_bytes;
+    fx.decode_step();
+  }
+  const double sec = timer.seconds();
+  state.counters["kv_bytes_per_second"] = attended / sec;
+  state.counters["bytes_read_ratio"] = attended / read;
+  const double per_step = sec / double(state.iterations());
+  if (!cascade)
+    g_cascade_off_step = per_step;
+  else if (g_cascade_off_step > 0)
+    state.counters["time_ratio"] = g_cascade_off_step / per_step;
+}
+
+//! One 32768-token sequence whose pages are published (prompt ids given).
+struct ops_fixture : fixture {
+  ops_fixture() : kv(paged_config(4 * kOpsContext)) {
+    for (std::size_t i = 0; i <= kOpsContext; ++i)
+      ids.push_back(static_cast<token_id>(mix(i) % 32000));
+    s = kv.add_sequence(2 * kOpsContext);
+    for (std::size_t done = 0; done < kOpsContext; done += kPagedFillChunk) {
+      const step st = kv.begin_step(
+          {{s, kPagedFillChunk, std::span<const token_id>(ids).subspan(done, kPagedFillChunk)}});
+      (void)st;  // K/V values do not change the cost of these operations
+    }
+    kv.truncate(s, kOpsContext);  // a change: publishes the last step's pages
+  }
+  static std::uint64_t mix(std::uint64_t x) {
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    return x ^ (x >> 27);
+  }
+  paged16_cache kv;
+  std::vector<token_id> ids;
+  seq_id s{};
+};
+
+template <class Op, class Undo>
+void timed_op(benchmark::State& state, Op op, Undo undo) {
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    op();
+    state.SetIterationTime(seconds_since(t0));
+    undo();
+  }
+}
+
+void paged_op(benchmark::State& state, const std::string& name, const std::string& op) {
+  release_probe_buffer();
+  auto& fx = fixture_for<ops_fixture>(name);
+  auto& kv = fx.kv;
+  seq_id other{};
+  if (op == "fork") {
+    timed_op(
+        state, [&] { other = kv.fork(fx.s); }, [&] { kv.remove_sequence(other); });
+  } else if (op == "truncate8" || op == "truncate16384") {
+    const std::size_t n = op == "truncate8" ? 8 : 16384;
+    timed_op(
+        state, [&] { kv.truncate(fx.s, kOpsContext - n); },
+        [&] {
+          kv.begin_step({{fx.s, n}});
+        });
+  } else if (op == "match_prefix") {
+    std::size_t got = 0;
+    timed_op(
+        state,
+        [&] {
+          auto m = kv.match_prefix(fx.ids);
+          other = m.seq, got = m.tokens;
+        },
+        [&] { kv.remove_sequence(other); });
+    if (got != kOpsContext) state.SkipWithError("match_prefix did not find the whole prefix");
+  }
+  state.counters["pages"] = double(kOpsContext / 16);
+}
+
+void register_paged() {
+  for (std::size_t batch : kBatches)
+    for (std::size_t context : kContexts) {
+      const std::string name =
+          "decode/fp16/paged16/full/" + std::to_string(context) + "/" + std::to_string(batch);
+      benchmark::RegisterBenchmark(
+          name.c_str(), [=](benchmark::State& s) { decode_paged(s, name, context, batch); })
+          ->Unit(benchmark::kMillisecond)
+          ->UseRealTime()
+          ->ReportAggregatesOnly(true);
+    }
+  for (bool cascade : {false, true}) {
+    const std::string name =
+        std::string(cascade ? "cascade" : "cascade_off") + "/fp16/paged16/full/4096+64/8";
+    benchmark::RegisterBenchmark(name.c_str(),
+                                 [=](benchmark::State& s) { shared_decode(s, name, cascade); })
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime()
+        ->ReportAggregatesOnly(true);
+  }
+  for (const char* op : {"fork", "truncate8", "truncate16384", "match_prefix"}) {
+    const std::string name = std::string("ops/fp16/paged16/") + op + "/32768";
+    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { paged_op(s, name, op); })
+        ->Unit(benchmark::kMicrosecond)
+        ->UseManualTime()
+        ->ReportAggregatesOnly(true);
+  }
+}
+
+// ---- end of paged storage -------------------------------------------------------
+
 // ---- registration -----------------------------------------------------------
 
 template <class P>
@@ -511,6 +789,7 @@ void register_all() {
   register_prefill<fp32>();
   register_prefill<fp16>();
   register_prefill<bf16>();
+  register_paged();
 }
 
 // ---- summary ----------------------------------------------------------------

@@ -11,8 +11,11 @@
 #include <kvcache/kvcache.hpp>
 #include <limits>
 #include <map>
+#include <optional>
 #include <random>
+#include <set>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace kvtest {
@@ -106,6 +109,24 @@ struct harness {
     keys[s].assign(layers, {});
     values[s].assign(layers, {});
     return s;
+  }
+
+  //! Model side of the cache's sequence operations (paged storage).
+  kvcache::seq_id fork(kvcache::seq_id s) {
+    auto c = kv.fork(s);
+    keys[c] = keys[s];
+    values[c] = values[s];
+    return c;
+  }
+  void truncate(kvcache::seq_id s, std::size_t n) {
+    kv.truncate(s, n);
+    for (auto* m : {&keys, &values})
+      for (auto& layer : (*m)[s]) layer.resize(n * kv_heads * dim);
+  }
+  void remove(kvcache::seq_id s) {
+    kv.remove_sequence(s);
+    keys.erase(s);
+    values.erase(s);
   }
 
   struct result {

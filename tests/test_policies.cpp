@@ -22,6 +22,19 @@ struct precision_without_decode {
   static void encode(const float*, std::byte*, std::size_t) {}
   static constexpr double tolerance = 0;
 };
+//! Has a storage policy's constants, but its state lacks what the cache calls.
+struct storage_without_members {
+  using axis = storage_tag;
+  static constexpr std::string_view name = "constants only";
+  static constexpr std::size_t page_tokens = 16;
+  static constexpr bool supports_eviction = false;
+  template <class B>
+  struct state {
+    struct region {};
+    state(const kv_layout&, const storage_config&) {}
+    region create(std::size_t) { return {}; }
+  };
+};
 }  // namespace
 
 TEST_CASE("concepts accept the built-in policies and reject others", "[policies]") {
@@ -30,6 +43,11 @@ TEST_CASE("concepts accept the built-in policies and reject others", "[policies]
   STATIC_REQUIRE(precision_policy<fp16>);
   STATIC_REQUIRE(eviction_policy<full>);
   STATIC_REQUIRE(storage_policy<contiguous>);
+  STATIC_REQUIRE(storage_policy<paged<16>>);
+  STATIC_REQUIRE(storage_policy<paged<>>);
+  STATIC_REQUIRE(sharing_storage<paged<64>>);
+  STATIC_REQUIRE_FALSE(sharing_storage<contiguous>);
+  STATIC_REQUIRE_FALSE(storage_policy<storage_without_members>);
   STATIC_REQUIRE(backend_policy<cpu>);
   STATIC_REQUIRE_FALSE(grouping_policy<not_a_policy>);
   STATIC_REQUIRE_FALSE(grouping_policy<wrong_tag>);

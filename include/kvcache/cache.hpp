@@ -28,6 +28,8 @@
 #include "concepts.hpp"
 #include "detail/dispatch.hpp"
 #include "error.hpp"
+#include "kernels/cascade.hpp"
+#include "kernels/cpu/cascade.hpp"
 #include "kernels/cpu/decode.hpp"
 #include "kernels/cpu/prefill.hpp"
 #include "kernels/cpu/write.hpp"
@@ -51,10 +53,26 @@ struct cache_config {
   std::size_t max_seq_len = 0;  // default capacity of add_sequence(); 0: max_tokens
   std::size_t threads = 0;      // CPU threads for the kernels; 0: all hardware threads
   float softmax_scale = 0.f;    // 0: 1 / sqrt(head_dim)
+  std::size_t page_tokens = 0;  // paged<dynamic>: slots per page; a static page size: 0 or it
+  //! Decode sequences of one step that share at least this many prefix tokens
+  //! (whole pages) attend to them once, together (cascade attention); 0: never.
+  std::size_t cascade_min_tokens = 256;
 };
 
-//! One sequence's share of a step: it appends `tokens` new tokens.
+//! One sequence's share of a step: it appends `tokens` new tokens. `ids`,
+//! when given, holds their token ids (tokens of them): storage with a prefix
+//! index publishes the pages they fill, so that match_prefix() of a later
+//! request finds them. A sequence appended once without ids publishes nothing
+//! past that point (until truncated back before it).
 struct append {
+  seq_id seq;
+  std::size_t tokens;
+  std::span<const token_id> ids = {};
+};
+
+//! What match_prefix() found: a new sequence holding the first `tokens`
+//! tokens of the prompt, read from cached pages.
+struct prefix_match {
   seq_id seq;
   std::size_t tokens;
 };
@@ -68,13 +86,16 @@ struct attend_options {
 //! The host-side plan of one step, made by begin_step() and read by every
 //! layer's write() and attend(). The step's rows are its appends' tokens,
 //! concatenated in the order given. A step is valid until the cache's next
-//! begin_step, add_sequence or remove_sequence.
+//! begin_step or change to its sequences (add, remove, fork, truncate, ...).
 class step {
  public:
   std::size_t tokens() const noexcept { return tokens_; }
   std::span<const append> appends() const noexcept { return appends_; }
   //! True when every sequence appends exactly one token.
   bool is_decode() const noexcept { return plan_.prefill.empty(); }
+  //! Decode sequences of this step that attend to a prefix they share with
+  //! others once, together (cascade attention); 0 when none do.
+  std::size_t cascaded() const noexcept { return cascade_.members.size(); }
 
  private:
   template <grouping_policy, storage_policy, eviction_policy, precision_policy, backend_policy>
@@ -82,6 +103,7 @@ class step {
   std::vector<append> appends_;
   std::vector<seq_view> seqs_;
   detail::work_plan plan_;
+  detail::cascade_plan cascade_;
   std::size_t tokens_ = 0;
   std::uint64_t epoch_ = 0;
   const void* owner_ = nullptr;
@@ -99,6 +121,9 @@ class cache {
   static_assert(std::is_same_v<B, cpu>,
                 "Only the cpu backend has kernels so far; the cuda backend comes with the "
                 "CUDA kernels.");
+  static_assert(storage_state<typename S::template state<B>>,
+                "The storage policy's state<B> lacks a member the cache calls (see "
+                "storage_state in concepts.hpp).");
 
  public:
   using grouping = G;
@@ -106,11 +131,12 @@ class cache {
   using eviction = E;
   using precision = P;
   using backend = B;
+  using storage_state_type = typename S::template state<B>;
 
   explicit cache(const cache_config& cfg)
       : cfg_(cfg),
         layout_(make_layout(cfg_)),
-        store_(layout_, cfg_.max_tokens),
+        store_(layout_, storage_config{cfg_.max_tokens, cfg_.page_tokens}),
         ctx_(cfg_.threads) {
     if (cfg_.max_seq_len == 0) cfg_.max_seq_len = cfg_.max_tokens;
     if (cfg_.softmax_scale == 0.f)
@@ -125,29 +151,121 @@ class cache {
   // ---- sequences ----------------------------------------------------------
 
   //! Adds an empty sequence able to hold `capacity` tokens (0: max_seq_len).
+  //! Contiguous storage reserves the capacity now; paged storage takes pages
+  //! as tokens arrive.
   seq_id add_sequence(std::size_t capacity = 0) {
     if (capacity == 0) capacity = cfg_.max_seq_len;
     seqs_.reserve(seqs_.size() + 1);  // the only allocation that could throw after create
-    auto region = store_.create(capacity);
-    const seq_id id{next_id_++};
-    seqs_.emplace(id, sequence{region, 0});
-    ++epoch_;
-    return id;
+    publish_pending();
+    return insert(store_.create(capacity), 0);
   }
 
-  //! Frees a sequence's slots. An unknown or already removed id is an error.
+  //! Frees a sequence's slots: pages no other sequence holds return to the
+  //! pool (or to the prefix cache). An unknown or already removed id is an error.
   void remove_sequence(seq_id id) {
     auto it = find(id);
+    publish_pending();
     store_.destroy(it->second.region);
     seqs_.erase(it);
     ++epoch_;
   }
 
+  //! Rolls a sequence back to its first `n` tokens (speculative decoding:
+  //! drop rejected draft tokens). Paged storage frees the pages past n.
+  void truncate(seq_id id, std::size_t n) {
+    sequence& s = find(id)->second;
+    detail::require(n <= s.length, "cannot truncate sequence ", static_cast<std::uint64_t>(id),
+                    " to ", n, " tokens: it holds ", s.length);
+    publish_pending();
+    store_.truncate(s.region, s.length, n);
+    s.length = n;
+    ++epoch_;
+  }
+
+  //! A new sequence sharing every page of `id` (beams, parallel samples): no
+  //! K/V bytes are copied; the first append into a shared, partly filled page
+  //! copies that page.
+  seq_id fork(seq_id id) requires sharing_storage<S> {
+    seqs_.reserve(seqs_.size() + 1);
+    const sequence& s = find(id)->second;
+    publish_pending();
+    return insert(store_.share(s.region), s.length);
+  }
+
+  //! Beam search reordering: beams[i] becomes what beams[from[i]] was before
+  //! the call (each survivor's pages shared, never copied; a beam not
+  //! selected releases its pages). from[i] indexes `beams`.
+  void reorder(std::span<const seq_id> beams,
+               std::span<const std::size_t> from) requires sharing_storage<S> {
+    detail::require(beams.size() == from.size(), "reorder got ", beams.size(), " beams and ",
+                    from.size(), " sources; it needs one source per beam");
+    std::vector<sequence*> seq;
+    seq.reserve(beams.size());
+    for (std::size_t i = 0; i < beams.size(); ++i) {
+      seq.push_back(&find(beams[i])->second);
+      for (std::size_t j = 0; j < i; ++j)
+        detail::require(seq[j] != seq[i], "sequence ", static_cast<std::uint64_t>(beams[i]),
+                        " appears twice among the beams");
+      detail::require(from[i] < beams.size(), "beam ", i, " copies beam ", from[i], "; there are ",
+                      beams.size());
+    }
+    publish_pending();
+    std::vector<region_t> fresh(beams.size());
+    try {
+      for (std::size_t i = 0; i < beams.size(); ++i)
+        if (from[i] != i) fresh[i] = store_.share(seq[from[i]]->region);
+    } catch (...) {
+      for (auto& r : fresh) store_.destroy(r);
+      throw;
+    }
+    std::vector<std::size_t> lengths(beams.size());
+    for (std::size_t i = 0; i < beams.size(); ++i) lengths[i] = seq[from[i]]->length;
+    // Commit: nothing below throws.
+    for (std::size_t i = 0; i < beams.size(); ++i) {
+      if (from[i] == i) continue;
+      store_.destroy(seq[i]->region);
+      seq[i]->region = std::move(fresh[i]);
+      seq[i]->length = lengths[i];
+    }
+    ++epoch_;
+  }
+
+  //! Prefix reuse across requests: a new sequence holding the longest run of
+  //! cached full pages that starts `ids` (at most ids.size() - 1 tokens, so the
+  //! last prompt token is still computed). Append ids[tokens..] next, with
+  //! their ids. Pages are cached as sequences that were given token ids fill
+  //! them, once the step that filled them is over (the cache's next change).
+  prefix_match match_prefix(std::span<const token_id> ids,
+                            std::size_t capacity = 0) requires sharing_storage<S> {
+    if (capacity == 0) capacity = cfg_.max_seq_len;
+    seqs_.reserve(seqs_.size() + 1);
+    publish_pending();
+    region_t r = store_.create(capacity);
+    std::size_t n = 0;
+    try {
+      n = store_.match(r, ids);
+    } catch (...) {
+      store_.destroy(r);
+      throw;
+    }
+    if (n > capacity) {
+      store_.truncate(r, n, capacity);
+      n = capacity;
+    }
+    return {insert(std::move(r), n), n};
+  }
+
   bool contains(seq_id id) const noexcept { return seqs_.count(id) != 0; }
   std::size_t sequences() const noexcept { return seqs_.size(); }
   std::size_t length(seq_id id) const { return find(id)->second.length; }
-  std::size_t capacity(seq_id id) const {
-    return S::template state<B>::capacity(find(id)->second.region);
+  std::size_t capacity(seq_id id) const { return store_.capacity(find(id)->second.region); }
+
+  //! The page base addresses a sequence reads, in logical order (one page for
+  //! contiguous storage). Sequences sharing a page list the same address.
+  std::span<std::byte* const> page_table(seq_id id) const {
+    const sequence& s = find(id)->second;
+    const std::size_t pt = store_.page_tokens(s.region);
+    return {store_.pages(s.region), (s.length + pt - 1) / pt};
   }
 
   // ---- steps ----------------------------------------------------------------
@@ -157,41 +275,64 @@ class cache {
   }
 
   //! Plans one step: every listed sequence appends `tokens` >= 1 tokens (a
-  //! prompt, a chunk of one, or one decoded token). Checks everything before
-  //! changing anything; on success the sequences' lengths include the new
-  //! tokens, whose K/V each layer's write() then stores.
+  //! prompt, a chunk of one, or one decoded token). Checks everything and
+  //! takes the pages it needs (copying shared pages it will write into)
+  //! before changing anything; on success the sequences' lengths include the
+  //! new tokens, whose K/V each layer's write() then stores.
   step begin_step(std::span<const append> appends) {
     detail::require(!appends.empty(), "begin_step needs at least one sequence");
     step st;
     st.appends_.assign(appends.begin(), appends.end());
     st.seqs_.reserve(appends.size());
-    std::vector<const sequence*> seen;
+    std::vector<sequence*> seen;
+    seen.reserve(appends.size());
     for (const append& a : appends) {
-      const sequence& s = find(a.seq)->second;
+      sequence& s = find(a.seq)->second;
+      const auto id = static_cast<std::uint64_t>(a.seq);
       for (const sequence* p : seen)
-        detail::require(p != &s, "sequence ", static_cast<std::uint64_t>(a.seq),
-                        " appears twice in one step");
+        detail::require(p != &s, "sequence ", id, " appears twice in one step");
       seen.push_back(&s);
-      detail::require(a.tokens > 0, "sequence ", static_cast<std::uint64_t>(a.seq),
+      detail::require(a.tokens > 0, "sequence ", id,
                       " appends 0 tokens; a step appends at least 1");
-      const std::size_t cap = state_t::capacity(s.region);
-      detail::require(a.tokens <= cap - s.length, "sequence ", static_cast<std::uint64_t>(a.seq),
-                      " holds ", s.length, " tokens; ", a.tokens, " more exceed its capacity of ",
-                      cap, " under ", E::name, " eviction");
-      seq_view v;
-      v.pages = state_t::pages(s.region);
-      v.page_tokens = state_t::page_tokens(s.region);
-      v.first_pos = s.length;
-      v.kv_len = s.length + a.tokens;
-      v.q_begin = st.tokens_;
-      v.q_len = a.tokens;
-      st.seqs_.push_back(v);
-      st.tokens_ += a.tokens;
+      const std::size_t cap = store_.capacity(s.region);
+      detail::require(a.tokens <= cap - s.length, "sequence ", id, " holds ", s.length, " tokens; ",
+                      a.tokens, " more exceed its capacity of ", cap, " under ", E::name,
+                      " eviction");
+      detail::require(a.ids.empty() || a.ids.size() == a.tokens, "sequence ", id, " appends ",
+                      a.tokens, " tokens with ", a.ids.size(),
+                      " token ids; give one id per token or none");
     }
-    st.plan_ = detail::make_plan(layout_, st.seqs_);
-    reserve_workspace(st.plan_);
+    publish_pending();
+    std::size_t pages = 0;
+    for (std::size_t i = 0; i < appends.size(); ++i)
+      pages += store_.prepare(seen[i]->region, seen[i]->length, appends[i].tokens);
+    store_.reserve(pages);
+    for (std::size_t i = 0; i < appends.size(); ++i) {
+      const sequence& s = *seen[i];
+      seq_view v;
+      v.pages = store_.pages(s.region);  // final after prepare: grow keeps the table's storage
+      v.page_tokens = store_.page_tokens(s.region);
+      v.first_pos = s.length;
+      v.kv_len = s.length + appends[i].tokens;
+      v.q_begin = st.tokens_;
+      v.q_len = appends[i].tokens;
+      st.seqs_.push_back(v);
+      st.tokens_ += appends[i].tokens;
+    }
+    if constexpr (sharing_storage<S>)
+      st.cascade_ = detail::make_cascade_plan(layout_, st.seqs_, cfg_.cascade_min_tokens);
+    st.plan_ = detail::make_plan(layout_, st.seqs_, st.cascade_.decode_begin);
+    reserve_workspace(st);
+    pending_.reserve(appends.size());
     // Commit: nothing below throws.
-    for (const append& a : appends) seqs_.find(a.seq)->second.length += a.tokens;
+    pending_.clear();
+    for (std::size_t i = 0; i < appends.size(); ++i) {
+      sequence& s = *seen[i];
+      store_.grow(s.region, s.length, appends[i].tokens, appends[i].ids);
+      st.seqs_[i].pages = store_.pages(s.region);
+      s.length += appends[i].tokens;
+      pending_.push_back(appends[i].seq);
+    }
     st.epoch_ = ++epoch_;
     st.owner_ = this;
     return st;
@@ -209,7 +350,8 @@ class cache {
   //! Causal attention of this step's queries over each sequence's cache (its
   //! earlier tokens and this step's, which write() must have stored).
   //! q, out: (step tokens, q_heads, head_dim). A sequence appending one token
-  //! takes the decode kernel, others the prefill kernel.
+  //! takes the decode kernel, others the prefill kernel; decode sequences
+  //! sharing a prefix attend to it once, together (cascade).
   void attend(std::size_t layer, const step& st, tensor_view<const float, 3> q,
               tensor_view<float, 3> out, const attend_options& opt = {}) {
     check_step(layer, st);
@@ -219,23 +361,44 @@ class cache {
     detail::require(std::isfinite(opt.scale) && opt.scale >= 0.f, "softmax scale ", opt.scale,
                     " must be finite and positive");
     const float scale = opt.scale > 0.f ? opt.scale : cfg_.softmax_scale;
+    const bool cascade = !st.cascade_.empty();
+    // A cascade merges by the suffix's lse, so decode writes it here first.
+    const tensor_view<float, 2> lse =
+        cascade ? make_view(lse_.data(), st.tokens_, layout_.q_heads) : opt.lse;
     detail::dispatch_head_dim<G::head_dim>(layout_.head_dim, [&](auto d) {
       constexpr std::size_t D = decltype(d)::value;
-      run_decode<D>(layer, st, q, out, opt.lse, scale);
-      detail::prefill_args pa{&layout_, layer, st.seqs_.data(), &st.plan_,       q,
-                              scale,    out,   opt.lse,         scratch_.data(), scratch_floats_};
+      run_decode<D>(layer, st, q, out, lse, scale);
+      detail::prefill_args pa{&layout_, layer, st.seqs_.data(), &st.plan_,      q, scale,
+                              out,      lse,   scratch_.data(), scratch_floats_};
       detail::prefill<P, D>(ctx_.pool, pa);
+      if (cascade) {
+        float* qc = cascade_.data();
+        float* oc = qc + st.cascade_.rows * layout_.q_heads * layout_.head_dim;
+        float* lc = oc + st.cascade_.rows * layout_.q_heads * layout_.head_dim;
+        detail::cascade_args ca{
+            &layout_, layer, st.seqs_.data(), &st.cascade_,   q, scale, out, lse, qc,
+            oc,       lc,    scratch_.data(), scratch_floats_};
+        detail::cascade<P, D>(ctx_.pool, ca);
+      }
     });
+    if (cascade && !opt.lse.empty())
+      for (std::size_t t = 0; t < st.tokens_; ++t)
+        for (std::size_t h = 0; h < layout_.q_heads; ++h) opt.lse(t, h) = lse(t, h);
   }
 
   // ---- inspection -----------------------------------------------------------
 
-  //! Bytes of K/V storage held by live sequences (each sequence's reserved
-  //! capacity for contiguous storage); equals the formulas of memory.hpp.
+  //! Bytes of K/V storage held by live sequences, each shared page once (each
+  //! sequence's reserved capacity for contiguous storage); equals the
+  //! formulas of memory.hpp.
   std::size_t memory_in_use() const noexcept { return store_.bytes_in_use(); }
   const kv_layout& layout() const noexcept { return layout_; }
   const cache_config& config() const noexcept { return cfg_; }
   std::size_t threads() const noexcept { return ctx_.pool.size(); }
+  //! The storage's bookkeeping, for its own statistics (paged: pages in use,
+  //! cached and free; clear_prefix_cache()).
+  const storage_state_type& store() const noexcept { return store_; }
+  storage_state_type& store() noexcept { return store_; }
 
   //! Decodes one stored row back to float: K (kind 0) or V (kind 1) of
   //! `kv_head` for token `token` of sequence `id` at `layer`. dst: head_dim floats.
@@ -249,16 +412,16 @@ class cache {
     detail::require(kind < 2 && kv_head < layout_.kv_heads, "kind ", kind, " / kv_head ", kv_head,
                     " is out of range (kinds 2, kv_heads ", layout_.kv_heads, ")");
     seq_view v;
-    v.pages = state_t::pages(s.region);
-    v.page_tokens = state_t::page_tokens(s.region);
+    v.pages = store_.pages(s.region);
+    v.page_tokens = store_.page_tokens(s.region);
     const std::size_t run = layout_.run_offset(v.page_tokens, layer, kind, kv_head);
     P::decode(v.row(run, token, layout_.row_bytes), dst, layout_.head_dim);
   }
 
  private:
-  using state_t = typename S::template state<B>;
+  using region_t = typename storage_state_type::region;
   struct sequence {
-    typename state_t::region region;
+    region_t region;
     std::size_t length = 0;
   };
 
@@ -296,6 +459,32 @@ class cache {
   auto find(seq_id id) { return find_in(*this, id); }
   auto find(seq_id id) const { return find_in(*this, id); }
 
+  //! Registers a region as a new sequence; seqs_ has room for it.
+  seq_id insert(region_t&& r, std::size_t length) {
+    const seq_id id{next_id_};
+    sequence s{std::move(r), length};
+    try {
+      seqs_.emplace(id, std::move(s));  // a node allocation that fails leaves s whole
+    } catch (...) {
+      store_.destroy(s.region);
+      throw;
+    }
+    ++next_id_;
+    ++epoch_;
+    return id;
+  }
+
+  //! Enters the pages the last step filled into the prefix index. Deferred
+  //! to the cache's next change so that only pages whose K/V every layer's
+  //! write() has stored are ever matched. Changes nothing else observable.
+  void publish_pending() noexcept {
+    if constexpr (sharing_storage<S>)
+      for (seq_id id : pending_)
+        if (auto it = seqs_.find(id); it != seqs_.end())
+          store_.publish(it->second.region, it->second.length);
+    pending_.clear();
+  }
+
   void check_step(std::size_t layer, const step& st) const {
     detail::require(st.owner_ == this, "the step was planned by another cache");
     detail::require(st.epoch_ == epoch_,
@@ -305,17 +494,25 @@ class cache {
                     layout_.layers, " layers");
   }
 
-  void reserve_workspace(const detail::work_plan& plan) {
+  void reserve_workspace(const step& st) {
+    const detail::work_plan& plan = st.plan_;
     const std::size_t g = layout_.group(), dim = layout_.head_dim;
     std::size_t groups = plan.decode_groups.size() - 1;
+    const std::size_t max_rows = std::max(plan.max_rows, st.cascade_.tiles.max_rows);
     const std::size_t per_worker = std::max(detail::decode_scratch_floats(layout_),
-                                            detail::prefill_scratch_floats(layout_, plan.max_rows));
+                                            detail::prefill_scratch_floats(layout_, max_rows));
     const std::size_t need_scratch = per_worker * ctx_.pool.size();
     const std::size_t need_partial = plan.decode.size() * g * (dim + 1);
     const std::size_t need_q = groups * g * dim;
     if (scratch_.size() < need_scratch) scratch_.resize(need_scratch);
     if (partial_.size() < need_partial) partial_.resize(need_partial);
     if (qs_.size() < need_q) qs_.resize(need_q);
+    if (!st.cascade_.empty()) {
+      const std::size_t need_cascade = detail::cascade_buffer_floats(layout_, st.cascade_);
+      const std::size_t need_lse = st.tokens_ * layout_.q_heads;
+      if (cascade_.size() < need_cascade) cascade_.resize(need_cascade);
+      if (lse_.size() < need_lse) lse_.resize(need_lse);
+    }
     scratch_floats_ = per_worker;
   }
 
@@ -342,12 +539,13 @@ class cache {
 
   cache_config cfg_;
   kv_layout layout_;
-  state_t store_;
+  storage_state_type store_;
   typename B::context ctx_;
   std::unordered_map<seq_id, sequence> seqs_;
+  std::vector<seq_id> pending_;  // sequences the last step appended to, to publish
   std::uint64_t next_id_ = 1;
   std::uint64_t epoch_ = 0;
-  std::vector<float> scratch_, partial_, qs_;
+  std::vector<float> scratch_, partial_, qs_, cascade_, lse_;
   std::size_t scratch_floats_ = 0;
 };
 

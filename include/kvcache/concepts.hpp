@@ -7,9 +7,13 @@
 
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
+#include <span>
 #include <string_view>
+#include <type_traits>
 
 #include "config.hpp"
+#include "kernels/view.hpp"
 
 namespace kvcache {
 inline namespace v0 {
@@ -95,6 +99,69 @@ concept backend_policy = requires(std::size_t n, void* p) {
   requires std::constructible_from<typename B::context, std::size_t>;
 };
 
+//! A token's id in the model's vocabulary: what prefix reuse keys pages by.
+using token_id = std::int32_t;
+
+//! What a storage state is built from (the cache fills it from cache_config).
+struct storage_config {
+  std::size_t max_tokens = 0;   // token slots across all sequences
+  std::size_t page_tokens = 0;  // runtime page size for a `dynamic` page size; else 0
+};
+
+namespace detail {
+//! A backend with no behaviour: the storage concepts instantiate a state with
+//! it to check member signatures without naming a real backend.
+struct archetype_backend {
+  using axis = backend_tag;
+  static constexpr std::string_view name = "archetype";
+  static void* allocate(std::size_t);
+  static void deallocate(void*, std::size_t) noexcept;
+  struct context {
+    explicit context(std::size_t);
+  };
+};
+}  // namespace detail
+
+//! storage_state<St>: the bookkeeping of one storage policy for one backend;
+//! exactly the members the cache calls. A region is one sequence's share.
+//!  1. St(const kv_layout&, const storage_config&) builds the state; it
+//!     throws kvcache::error for a configuration it cannot serve.
+//!  2. St::region is default constructible and movable.
+//!  3. create(capacity) returns an empty region able to hold `capacity`
+//!     tokens, or throws changing nothing; destroy(region&) is noexcept and
+//!     returns everything the region held.
+//!  4. capacity(r), page_tokens(r) and pages(r) describe a region as the
+//!     kernels' view sees it (kernels/view.hpp): page_tokens slots per page,
+//!     page base addresses in logical order.
+//!  5. Appending `tokens` to a region of `length` tokens is three calls:
+//!     prepare(r, length, tokens) returns how many pages the append takes from
+//!     the pool and may allocate (page tables), changing nothing observable;
+//!     reserve(pages) throws kvcache::error naming the pages needed and free
+//!     when the pool cannot supply them; grow(r, length, tokens, ids) is
+//!     noexcept after both succeeded. `ids` holds the tokens' ids, or is empty.
+//!  6. truncate(r, length, n) is noexcept and keeps the first n tokens.
+//!  7. bytes_in_use() is the K/V bytes held, each shared page counted once.
+template <class St>
+concept storage_state = std::default_initializable<typename St::region> &&
+    std::movable<typename St::region> &&
+    std::constructible_from<St, const kv_layout&, const storage_config&> &&
+    requires(St& st, const St& cst, typename St::region& r, const typename St::region& cr,
+             std::size_t n, std::span<const token_id> ids) {
+  { st.create(n) } -> std::same_as<typename St::region>;
+  { st.destroy(r) }
+  noexcept;
+  { cst.capacity(cr) } -> std::same_as<std::size_t>;
+  { cst.page_tokens(cr) } -> std::same_as<std::size_t>;
+  { cst.pages(cr) } -> std::same_as<std::byte* const*>;
+  { st.prepare(r, n, n) } -> std::same_as<std::size_t>;
+  st.reserve(n);
+  { st.grow(r, n, n, ids) }
+  noexcept;
+  { st.truncate(r, n, n) }
+  noexcept;
+  { cst.bytes_in_use() } -> std::same_as<std::size_t>;
+};
+
 //! storage_policy<S>: where a token's slot is and how sequences grow.
 //!  1. S::axis is storage_tag.
 //!  2. S::name converts to std::string_view.
@@ -102,14 +169,33 @@ concept backend_policy = requires(std::size_t n, void* p) {
 //!     storage is one page per sequence, sized to its capacity.
 //!  4. S::supports_eviction is a bool constant: whether slots can be reused by
 //!     an evicting policy.
-//!  5. S::template state<B> is the bookkeeping type for backend B (see
-//!     storage/contiguous.hpp for the members the cache calls).
+//!  5. S::template state<B> satisfies storage_state for every backend B.
 template <class S>
 concept storage_policy = requires {
   requires std::same_as<typename S::axis, storage_tag>;
   { S::name } -> std::convertible_to<std::string_view>;
   { S::page_tokens } -> std::convertible_to<std::size_t>;
   { S::supports_eviction } -> std::convertible_to<bool>;
+  requires storage_state<typename S::template state<detail::archetype_backend>>;
+};
+
+//! sharing_storage<S>: a storage whose sequences can share pages, which the
+//! cache's fork, reorder and match_prefix need.
+//!  1. share(r) returns a region holding the same pages as r (no K/V bytes
+//!     copied); a later append into a shared page copies it first.
+//!  2. publish(r, length) is noexcept and enters r's full pages, whose tokens'
+//!     ids r was given, into the prefix index.
+//!  3. match(r, ids) attaches to the empty region r the longest run of cached
+//!     pages that hold a prefix of `ids`, and returns its tokens.
+template <class S>
+concept sharing_storage = storage_policy<S> &&
+    requires(typename S::template state<detail::archetype_backend>& st,
+             typename S::template state<detail::archetype_backend>::region& r,
+             std::span<const token_id> ids, std::size_t n) {
+  { st.share(r) } -> std::same_as<std::remove_reference_t<decltype(r)>>;
+  { st.publish(r, n) }
+  noexcept;
+  { st.match(r, ids) } -> std::same_as<std::size_t>;
 };
 
 }  // namespace v0

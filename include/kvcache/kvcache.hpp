@@ -12,4 +12,5 @@
 #include "memory.hpp"
 #include "precision/floating.hpp"
 #include "storage/contiguous.hpp"
+#include "storage/paged.hpp"
 #include "tensor.hpp"

@@ -2,7 +2,8 @@
 //   bytes = sequences x tokens x 2 x layers x kv_heads x row_bytes(head_dim)
 // where row_bytes includes a precision's metadata (scales, zero points); for
 // fp16 it is 2 x head_dim. A live cache's memory_in_use() equals these
-// formulas to the byte (tests/test_memory.cpp).
+// formulas to the byte (tests/test_memory.cpp, tests/test_paged.cpp). Paged
+// storage rounds each sequence up to whole pages and holds shared pages once.
 #pragma once
 
 #include <cstddef>
@@ -44,6 +45,30 @@ constexpr std::size_t shared_kv_bytes(const kv_shape& s, std::size_t sequences,
 template <precision_policy P>
 constexpr std::size_t contiguous_sequence_bytes(const kv_shape& s, std::size_t capacity) {
   return capacity * bytes_per_token<P>(s);
+}
+
+//! Bytes of `sequences` unshared sequences of `tokens` tokens each in paged
+//! storage: each sequence holds ceil(tokens / page_tokens) whole pages, so it
+//! wastes less than one page.
+template <precision_policy P>
+constexpr std::size_t paged_kv_bytes(const kv_shape& s, std::size_t sequences, std::size_t tokens,
+                                     std::size_t page_tokens) {
+  return sequences * ((tokens + page_tokens - 1) / page_tokens) * page_tokens *
+         bytes_per_token<P>(s);
+}
+
+//! Bytes in paged storage when `sequences` sequences forked from one of
+//! `shared_tokens` tokens have each appended `private_tokens` more: the full
+//! shared pages are held once; each sequence holds its own copy of the shared
+//! partial page (copied on its first append) and its own pages after it.
+//! Exact when private_tokens > 0 or shared_tokens is a multiple of page_tokens.
+template <precision_policy P>
+constexpr std::size_t paged_shared_kv_bytes(const kv_shape& s, std::size_t sequences,
+                                            std::size_t shared_tokens, std::size_t private_tokens,
+                                            std::size_t page_tokens) {
+  const std::size_t own = shared_tokens % page_tokens + private_tokens;
+  return (shared_tokens / page_tokens + sequences * ((own + page_tokens - 1) / page_tokens)) *
+         page_tokens * bytes_per_token<P>(s);
 }
 
 }  // namespace v0

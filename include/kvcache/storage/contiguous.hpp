@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstddef>
+#include <span>
 #include <string_view>
 
 #include "../concepts.hpp"
@@ -21,13 +22,9 @@ struct contiguous {
   static constexpr std::size_t page_tokens = dynamic;
   static constexpr bool supports_eviction = false;
 
-  //! The storage bookkeeping for backend B. The cache calls:
-  //!   state(layout, max_tokens)            max_tokens: slots across all sequences
-  //!   region create(capacity)              throws, changing nothing, when out of slots
-  //!   void destroy(region&) noexcept
-  //!   std::size_t capacity(const region&)  tokens the sequence can hold
-  //!   std::byte* const* pages(const region&), std::size_t page_tokens(const region&)
-  //!   std::size_t bytes_in_use() / slots_in_use()
+  //! The storage bookkeeping for backend B (the members storage_state lists).
+  //! A region is reserved whole by create(), so appends take no pages and
+  //! truncate only shortens the length the cache keeps.
   template <backend_policy B>
   class state {
    public:
@@ -36,8 +33,12 @@ struct contiguous {
       std::size_t capacity = 0;
     };
 
-    state(const kv_layout& layout, std::size_t max_tokens)
-        : layout_(layout), max_tokens_(max_tokens) {}
+    state(const kv_layout& layout, const storage_config& cfg)
+        : layout_(layout), max_tokens_(cfg.max_tokens) {
+      detail::require(
+          cfg.page_tokens == 0, "page_tokens ", cfg.page_tokens,
+          " is set; contiguous storage has one page per sequence, sized to its capacity");
+    }
 
     region create(std::size_t capacity) {
       detail::require(capacity > 0, "sequence capacity is 0; it must be at least 1 token");
@@ -57,6 +58,10 @@ struct contiguous {
     static std::size_t capacity(const region& r) noexcept { return r.capacity; }
     static std::byte* const* pages(const region& r) noexcept { return &r.base; }
     static std::size_t page_tokens(const region& r) noexcept { return r.capacity; }
+    static std::size_t prepare(region&, std::size_t, std::size_t) noexcept { return 0; }
+    static void reserve(std::size_t) noexcept {}
+    static void grow(region&, std::size_t, std::size_t, std::span<const token_id>) noexcept {}
+    static void truncate(region&, std::size_t, std::size_t) noexcept {}
     std::size_t slots_in_use() const noexcept { return slots_; }
     std::size_t bytes_in_use() const noexcept { return layout_.page_bytes(slots_); }
 

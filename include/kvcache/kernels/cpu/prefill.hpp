@@ -32,6 +32,9 @@ struct prefill_args {
   tensor_view<float, 2> lse;
   float* scratch;  // (worker, scratch_floats)
   std::size_t scratch_floats;
+  //! Every row of a sequence attends to all its kv_len keys, without a causal
+  //! mask: a cascade's shared prefix, which precedes every query.
+  bool non_causal = false;
 };
 
 inline std::size_t prefill_rows_padded(std::size_t rows) noexcept { return (rows + 3) / 4 * 4; }
@@ -115,7 +118,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
   float* l = m + R;            // (R)
   float* corr = l + R;         // (R)
 
-  const std::size_t last_pos = sv.first_pos + it.row_end - 1;
+  const std::size_t last_pos = a.non_causal ? sv.kv_len - 1 : sv.first_pos + it.row_end - 1;
   for (std::size_t r = 0; r < R; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.f;
@@ -129,7 +132,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     for (std::size_t d = 0; d < dim; ++d) Q[r * dim + d] = src[d] * a.scale;
   }
   auto row_pos = [&](std::size_t r) {
-    return r < nrows ? sv.first_pos + it.row_begin + r / g : last_pos;
+    return r < nrows && !a.non_causal ? sv.first_pos + it.row_begin + r / g : last_pos;
   };
   const std::size_t kr = L.run_offset(sv.page_tokens, a.layer, 0, it.head);
   const std::size_t vr = L.run_offset(sv.page_tokens, a.layer, 1, it.head);
