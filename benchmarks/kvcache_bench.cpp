@@ -61,6 +61,7 @@ constexpr std::size_t kMaxPrefill = 2048;
 // read drifts by at most 64 tokens (1.6% at 4096), and the byte counts below
 // use the true lengths.
 constexpr std::size_t kDecodeMargin = 64;
+constexpr std::size_t kFillChunk = 512;
 constexpr std::size_t kProbeBytes = std::size_t{1} << 30;
 constexpr std::size_t kEvictBytes = std::size_t{1} << 30;  // K/V touched per decode step
 constexpr std::size_t kMaxLayers = 64;
@@ -340,19 +341,26 @@ std::size_t layers_for(std::size_t context, std::size_t batch, std::size_t row_b
   return std::clamp<std::size_t>((kEvictBytes + per_layer - 1) / per_layer, 1, kMaxLayers);
 }
 
-template <class P>
+//! The decode benchmarks' cache: one Llama-3-8B layer shape, `layers` deep.
+template <class Cache>
+cache_config decode_config(std::size_t layers, std::size_t max_tokens) {
+  return {.layers = layers,
+          .q_heads = kQHeads,
+          .kv_heads = kKVHeads,
+          .max_tokens = max_tokens,
+          .threads = 0};
+}
+
+template <class Cache>
 struct decode_fixture : fixture {
-  using cache_t = cache<gqa<kHeadDim>, contiguous, full, P>;
+  using cache_t = Cache;
+  using P = typename Cache::precision;
 
   decode_fixture(std::size_t context_, std::size_t batch_)
       : context(context_),
         batch(batch_),
         layers(layers_for(context_, batch_, P::row_bytes(kHeadDim))),
-        kv({.layers = layers,
-            .q_heads = kQHeads,
-            .kv_heads = kKVHeads,
-            .max_tokens = batch_ * (context_ + kDecodeMargin),
-            .threads = 0}),
+        kv(decode_config<Cache>(layers, batch_ * (context_ + kDecodeMargin))),
         out(batch_ * kQHeads * kHeadDim) {
     fill();
   }
@@ -360,19 +368,27 @@ struct decode_fixture : fixture {
   //! (Re)fills every sequence with context - 1 tokens through write() alone:
   //! the cache holds what a prefill would have left, without paying for
   //! prefill attention. The first decode step then reads exactly `context`.
+  //! The batch is filled round-robin in kFillChunk-token steps, so that paged
+  //! storage interleaves the sequences' pages in its pool as serving would.
   void fill() {
     for (seq_id s : seqs) kv.remove_sequence(s);
     seqs.clear();
     appends.clear();
-    const std::size_t n = context - 1;
     for (std::size_t b = 0; b < batch; ++b) {
-      const seq_id s = kv.add_sequence(context + kDecodeMargin);
-      const step st = kv.begin_step({{s, n}});
+      seqs.push_back(kv.add_sequence(context + kDecodeMargin));
+      appends.push_back({seqs.back(), 1});
+    }
+    std::vector<append> chunk;
+    for (std::size_t done = 0; done < context - 1; done += kFillChunk) {
+      const std::size_t n = std::min(kFillChunk, context - 1 - done);
+      chunk.clear();
+      for (seq_id s : seqs) chunk.push_back({s, n});
+      const step st = kv.begin_step(chunk);
+      const std::size_t rows = n * batch;  // sources are reused cyclically
+      const std::size_t src = done * batch % (kMaxContext - rows + 1) * kKVHeads * kHeadDim;
       for (std::size_t l = 0; l < layers; ++l)
-        kv.write(l, st, make_view(source_k().data(), n, kKVHeads, kHeadDim),
-                 make_view(source_v().data(), n, kKVHeads, kHeadDim));
-      seqs.push_back(s);
-      appends.push_back({s, 1});
+        kv.write(l, st, make_view(source_k().data() + src, rows, kKVHeads, kHeadDim),
+                 make_view(source_v().data() + src, rows, kKVHeads, kHeadDim));
     }
     decoded = 0;
   }
@@ -401,12 +417,13 @@ struct decode_fixture : fixture {
 };
 
 //! Times begin_step + write + attend of one decoded token per sequence.
-template <class P>
+template <class Cache>
 void decode(benchmark::State& state, const std::string& name, std::size_t context,
             std::size_t batch) {
+  using P = typename Cache::precision;
   const double ceiling = read_ceiling();
   release_probe_buffer();
-  auto& fx = fixture_for<decode_fixture<P>>(name, context, batch);
+  auto& fx = fixture_for<decode_fixture<Cache>>(name, context, batch);
   // K and V bytes of one token, all KV heads (row_bytes includes any per-row
   // metadata of the precision; the float formats have none).
   const double token_bytes = 2.0 * kKVHeads * double(P::row_bytes(kHeadDim));
@@ -485,7 +502,6 @@ void prefill(benchmark::State& state, std::size_t tokens) {
 //                    the call alone, the undo outside it
 
 using paged16_cache = cache<gqa<kHeadDim>, paged<16>, full, fp16>;
-constexpr std::size_t kPagedFillChunk = 512;
 constexpr std::size_t kSharedPrefix = 4096, kPrivateSuffix = 64, kSharingBatch = 8;
 constexpr std::size_t kOpsContext = 32768;
 
@@ -516,66 +532,6 @@ void append_written(paged16_cache& kv, const std::vector<seq_id>& seqs, std::siz
            make_view<const float>(v.data(), rows, kKVHeads, kHeadDim));
 }
 
-struct paged_decode_fixture : fixture {
-  paged_decode_fixture(std::size_t context_, std::size_t batch_)
-      : context(context_),
-        batch(batch_),
-        kv(paged_config(batch_ * (context_ + kDecodeMargin))),
-        out(batch_ * kQHeads * kHeadDim) {
-    fill();
-  }
-  void fill() {
-    for (seq_id s : seqs) kv.remove_sequence(s);
-    seqs.clear();
-    appends.clear();
-    for (std::size_t b = 0; b < batch; ++b) {
-      seqs.push_back(kv.add_sequence(context + kDecodeMargin));
-      appends.push_back({seqs.back(), 1});
-    }
-    for (std::size_t done = 0; done < context - 1; done += kPagedFillChunk)
-      append_written(kv, seqs, std::min(kPagedFillChunk, context - 1 - done), done);
-    decoded = 0;
-  }
-  void decode_step() {
-    const step st = kv.begin_step(appends);
-    kv.write(0, st, make_view(source_k().data(), batch, kKVHeads, kHeadDim),
-             make_view(source_v().data(), batch, kKVHeads, kHeadDim));
-    kv.attend(0, st, make_view(source_q().data(), batch, kQHeads, kHeadDim),
-              make_view(out.data(), batch, kQHeads, kHeadDim));
-    ++decoded;
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-  }
-  std::size_t context, batch;
-  paged16_cache kv;
-  std::vector<seq_id> seqs;
-  std::vector<append> appends;
-  std::vector<float> out;
-  std::size_t decoded = 0;
-};
-
-void decode_paged(benchmark::State& state, const std::string& name, std::size_t context,
-                  std::size_t batch) {
-  const double ceiling = read_ceiling();
-  release_probe_buffer();
-  auto& fx = fixture_for<paged_decode_fixture>(name, context, batch);
-  const double token_bytes = 2.0 * kKVHeads * double(fp16::row_bytes(kHeadDim));
-  double bytes = 0;
-  timed_region timer;
-  for (auto _ : state) {
-    if (fx.decoded == kDecodeMargin) {
-      timer.pause(state);
-      fx.fill();
-      timer.resume(state);
-    }
-    bytes += double(batch) * double(context + fx.decoded) * token_bytes;
-    fx.decode_step();
-  }
-  const double rate = bytes / timer.seconds();
-  state.counters["kv_bytes_per_second"] = rate;
-  state.counters["read_bw_fraction"] = rate / ceiling;
-}
-
 //! 8 sequences sharing a 4096-token prefix, each with 64 private tokens.
 struct sharing_fixture : fixture {
   explicit sharing_fixture(bool cascade_)
@@ -583,8 +539,8 @@ struct sharing_fixture : fixture {
                         cascade_ ? 256 : 0)),
         out(kSharingBatch * kQHeads * kHeadDim) {
     const seq_id root = kv.add_sequence(kSharedPrefix + kPrivateSuffix + kDecodeMargin);
-    for (std::size_t done = 0; done < kSharedPrefix; done += kPagedFillChunk)
-      append_written(kv, {root}, kPagedFillChunk, done);
+    for (std::size_t done = 0; done < kSharedPrefix; done += kFillChunk)
+      append_written(kv, {root}, kFillChunk, done);
     seqs.push_back(root);
     for (std::size_t b = 1; b < kSharingBatch; ++b) seqs.push_back(kv.fork(root));
     append_written(kv, seqs, kPrivateSuffix - 1, kSharedPrefix);
@@ -657,9 +613,9 @@ struct ops_fixture : fixture {
     for (std::size_t i = 0; i <= kOpsContext; ++i)
       ids.push_back(static_cast<token_id>(mix(i) % 32000));
     s = kv.add_sequence(2 * kOpsContext);
-    for (std::size_t done = 0; done < kOpsContext; done += kPagedFillChunk) {
+    for (std::size_t done = 0; done < kOpsContext; done += kFillChunk) {
       const step st = kv.begin_step(
-          {{s, kPagedFillChunk, std::span<const token_id>(ids).subspan(done, kPagedFillChunk)}});
+          {{s, kFillChunk, std::span<const token_id>(ids).subspan(done, kFillChunk)}});
       (void)st;  // K/V values do not change the cost of these operations
     }
     kv.truncate(s, kOpsContext);  // a change: publishes the last step's pages
@@ -713,16 +669,6 @@ void paged_op(benchmark::State& state, const std::string& name, const std::strin
 }
 
 void register_paged() {
-  for (std::size_t batch : kBatches)
-    for (std::size_t context : kContexts) {
-      const std::string name =
-          "decode/fp16/paged16/full/" + std::to_string(context) + "/" + std::to_string(batch);
-      benchmark::RegisterBenchmark(
-          name.c_str(), [=](benchmark::State& s) { decode_paged(s, name, context, batch); })
-          ->Unit(benchmark::kMillisecond)
-          ->UseRealTime()
-          ->ReportAggregatesOnly(true);
-    }
   for (bool cascade : {false, true}) {
     const std::string name =
         std::string(cascade ? "cascade" : "cascade_off") + "/fp16/paged16/full/4096+64/8";
@@ -745,15 +691,18 @@ void register_paged() {
 
 // ---- registration -----------------------------------------------------------
 
-template <class P>
-void register_decode() {
+//! decode/<precision>/<storage>/full/<context>/<batch> for one cache type;
+//! `storage` is the name's storage part (paged<16> reads "paged16").
+template <class Cache>
+void register_decode(const std::string& storage) {
+  using P = typename Cache::precision;
   for (std::size_t batch : kBatches)
     for (std::size_t context : kContexts) {
-      const std::string name = "decode/" + std::string(P::name) + "/" +
-                               std::string(contiguous::name) + "/" + std::string(full::name) + "/" +
-                               std::to_string(context) + "/" + std::to_string(batch);
-      benchmark::RegisterBenchmark(name.c_str(),
-                                   [=](benchmark::State& s) { decode<P>(s, name, context, batch); })
+      const std::string name = "decode/" + std::string(P::name) + "/" + storage + "/" +
+                               std::string(full::name) + "/" + std::to_string(context) + "/" +
+                               std::to_string(batch);
+      benchmark::RegisterBenchmark(
+          name.c_str(), [=](benchmark::State& s) { decode<Cache>(s, name, context, batch); })
           ->Unit(benchmark::kMillisecond)
           ->UseRealTime()
           ->ReportAggregatesOnly(true);
@@ -783,9 +732,10 @@ void register_all() {
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime()
       ->ReportAggregatesOnly(true);
-  register_decode<fp32>();
-  register_decode<fp16>();
-  register_decode<bf16>();
+  register_decode<cache<gqa<kHeadDim>, contiguous, full, fp32>>("contiguous");
+  register_decode<cache<gqa<kHeadDim>, contiguous, full, fp16>>("contiguous");
+  register_decode<cache<gqa<kHeadDim>, contiguous, full, bf16>>("contiguous");
+  register_decode<paged16_cache>("paged16");
   register_prefill<fp32>();
   register_prefill<fp16>();
   register_prefill<bf16>();

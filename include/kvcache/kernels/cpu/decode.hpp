@@ -53,10 +53,26 @@ inline std::size_t decode_scratch_floats(const kv_layout& L) noexcept {
 }
 
 //! Lines of the next tile of a stream, prefetched while this tile computes.
+//! A tile is up to decode_subtiles runs of at most 16 consecutive tokens,
+//! each inside one page, so a tile can span small pages (16 tokens: one run
+//! per page) and still pay the softmax bookkeeping once per 32 tokens.
+inline constexpr std::size_t decode_subtiles = decode_tile / simd::lanes;
+
+//! The rows of one tile: run u holds n[u] rows at k[u] and v[u].
+template <class R>
+struct tile_rows {
+  const R* k[decode_subtiles];
+  const R* v[decode_subtiles];
+  std::size_t n[decode_subtiles];
+  std::size_t runs = 0;
+};
+
+//! The next tile's runs, prefetched while this tile computes.
 struct tile_prefetch {
-  const char* k = nullptr;
-  const char* v = nullptr;
-  std::size_t lines = 0;
+  const char* k[decode_subtiles] = {};
+  const char* v[decode_subtiles] = {};
+  std::size_t lines[decode_subtiles] = {};
+  std::size_t total = 0;
 };
 
 //! Regroups HB score vectors of TOK = 16 / HB tokens x HB heads (lane
@@ -101,24 +117,23 @@ KVCACHE_ALWAYS_INLINE void scores_by_head(const simd::vf* s, simd::vf* by_head) 
 //! products: issued all at once they queue behind the core's few line-fill
 //! buffers and stall it, spread out they overlap with the arithmetic.
 template <class P, std::size_t D, std::size_t HB>
-KVCACHE_ALWAYS_INLINE void decode_tile_update(decode_stream& s, const row_t<P>* K,
-                                              const row_t<P>* V, std::size_t n, std::size_t g,
-                                              std::size_t dim_rt, float* sc,
+KVCACHE_ALWAYS_INLINE void decode_tile_update(decode_stream& s, const tile_rows<row_t<P>>& tr,
+                                              std::size_t g, std::size_t dim_rt, float* sc,
                                               const tile_prefetch& pf) noexcept {
   using namespace simd;
-  constexpr std::size_t TOK = lanes / HB, SUB = decode_tile / lanes;
+  constexpr std::size_t TOK = lanes / HB, SUB = decode_subtiles;
   const std::size_t dim = D ? D : dim_rt;
   const std::size_t stride = dim + 1;
   const std::size_t nc = dim / lanes;
-  const std::size_t subs = (n + lanes - 1) / lanes;  // 16-token sub-tiles holding tokens
-  const std::size_t pf_step = (pf.lines + subs * HB * nc - 1) / (subs * HB * nc);
+  const std::size_t subs = tr.runs;
+  const std::size_t pf_step = (pf.total + subs * HB * nc - 1) / (subs * HB * nc);
   std::size_t pf_line = 0;
   for (std::size_t hb = 0; hb < g; hb += HB) {
     const float* q = s.q + hb * dim;
     vf sh[SUB][HB];
     for (std::size_t u = 0; u < subs; ++u) {
-      const row_t<P>* Ku = K + u * lanes * dim;
-      const std::size_t nu = std::min<std::size_t>(lanes, n - u * lanes);
+      const row_t<P>* Ku = tr.k[u];
+      const std::size_t nu = tr.n[u];
       vf part[HB];
       for (std::size_t p = 0; p < HB; ++p) {
         vf acc[lanes] = {};
@@ -127,10 +142,12 @@ KVCACHE_ALWAYS_INLINE void decode_tile_update(decode_stream& s, const row_t<P>* 
         for (std::size_t t = 0; t < TOK; ++t) k[t] = Ku + std::min(p * TOK + t, nu - 1) * dim;
         for (std::size_t c = 0; c < nc; ++c) {
           if (hb == 0)
-            for (const std::size_t e = std::min(pf_line + pf_step, pf.lines); pf_line < e;
+            for (const std::size_t e = std::min(pf_line + pf_step, pf.total); pf_line < e;
                  ++pf_line) {
-              __builtin_prefetch(pf.k + pf_line * 64, 0, 1);
-              __builtin_prefetch(pf.v + pf_line * 64, 0, 1);
+              const std::size_t r = pf_line >= pf.lines[0];
+              const std::size_t off = (pf_line - r * pf.lines[0]) * 64;
+              __builtin_prefetch(pf.k[r] + off, 0, 1);
+              __builtin_prefetch(pf.v[r] + off, 0, 1);
             }
           vf qv[HB];
           for (std::size_t h = 0; h < HB; ++h) qv[h] = load(q + h * dim + c * lanes);
@@ -175,11 +192,14 @@ KVCACHE_ALWAYS_INLINE void decode_tile_update(decode_stream& s, const row_t<P>* 
       for (std::size_t h = 0; h < HB; ++h)
         for (std::size_t c = 0; c < cn; ++c)
           ov[h][c] = load(s.o + (hb + h) * stride + (c0 + c) * lanes) * corr[h];
-      for (std::size_t j = 0; j < n; ++j) {
-        for (std::size_t c = 0; c < cn; ++c) {
-          const vf vv = load(V + j * dim + (c0 + c) * lanes);
-          for (std::size_t h = 0; h < HB; ++h) ov[h][c] += sc[h * decode_tile + j] * vv;
-        }
+      for (std::size_t u = 0; u < subs; ++u) {
+        const row_t<P>* Vu = tr.v[u];
+        const float* w = sc + u * lanes;
+        for (std::size_t j = 0; j < tr.n[u]; ++j)
+          for (std::size_t c = 0; c < cn; ++c) {
+            const vf vv = load(Vu + j * dim + (c0 + c) * lanes);
+            for (std::size_t h = 0; h < HB; ++h) ov[h][c] += w[h * decode_tile + j] * vv;
+          }
       }
       for (std::size_t h = 0; h < HB; ++h)
         for (std::size_t c = 0; c < cn; ++c)
@@ -224,25 +244,34 @@ void decode_task(const decode_args& a, std::size_t first, std::size_t count, flo
       const decode_item& it = *s.item;
       if (s.t >= it.end) continue;
       const seq_view& sv = a.seqs[it.seq];
-      const std::size_t in_page = sv.page_tokens - s.t % sv.page_tokens;
-      const std::size_t n = std::min({decode_tile, it.end - s.t, in_page});
       const std::size_t kr = L.run_offset(sv.page_tokens, a.layer, 0, it.head);
       const std::size_t vr = L.run_offset(sv.page_tokens, a.layer, 1, it.head);
-      tile_prefetch pf;
-      {
-        const std::size_t pt = s.t + n;
-        if (pt < it.end) {
-          const std::size_t pn =
-              std::min({decode_tile, it.end - pt, sv.page_tokens - pt % sv.page_tokens});
-          pf.k = reinterpret_cast<const char*>(sv.row(kr, pt, rb));
-          pf.v = reinterpret_cast<const char*>(sv.row(vr, pt, rb));
-          pf.lines = (pn * rb + 63) / 64;
-        }
+      // Runs of at most 16 tokens, each inside one page.
+      auto run_length = [&](std::size_t t) {
+        return std::min(
+            {std::size_t{simd::lanes}, it.end - t, sv.page_tokens - t % sv.page_tokens});
+      };
+      tile_rows<row_t<P>> tr;
+      std::size_t t = s.t;
+      for (; tr.runs < decode_subtiles && t < it.end; ++tr.runs) {
+        const std::size_t u = tr.runs, n = run_length(t);
+        tr.k[u] = rows<P>(sv.row(kr, t, rb), n, dim, rb, conv + u * simd::lanes * dim);
+        tr.v[u] = rows<P>(sv.row(vr, t, rb), n, dim, rb,
+                          conv + (decode_subtiles + u) * simd::lanes * dim);
+        tr.n[u] = n;
+        t += n;
       }
-      const auto* K = rows<P>(sv.row(kr, s.t, rb), n, dim, rb, conv);
-      const auto* V = rows<P>(sv.row(vr, s.t, rb), n, dim, rb, conv + decode_tile * dim);
-      decode_tile_update<P, D, HB>(s, K, V, n, g, dim, sc, pf);
-      s.t += n;
+      tile_prefetch pf;
+      for (std::size_t u = 0, pt = t; u < decode_subtiles && pt < it.end; ++u) {
+        const std::size_t n = run_length(pt);
+        pf.k[u] = reinterpret_cast<const char*>(sv.row(kr, pt, rb));
+        pf.v[u] = reinterpret_cast<const char*>(sv.row(vr, pt, rb));
+        pf.lines[u] = (n * rb + 63) / 64;
+        pf.total += pf.lines[u];
+        pt += n;
+      }
+      decode_tile_update<P, D, HB>(s, tr, g, dim, sc, pf);
+      s.t = t;
       active = active || s.t < it.end;
     }
   }
