@@ -1,5 +1,7 @@
 // Bad input gets a kvcache::error naming the value and the limit, and the
 // cache is left exactly as it was: same sequences, lengths, memory and bytes.
+#include <limits>
+
 #include "support.hpp"
 
 using namespace kvcache;
@@ -73,6 +75,37 @@ TEST_CASE("construction rejects impossible sizes", "[errors]") {
       (cache<gqa<128>, contiguous, full, fp16>(
           {.layers = 1, .q_heads = 8, .kv_heads = 2, .head_dim = 64, .max_tokens = 8})),
       Contains("static head_dim 128"));
+  CHECK_THROWS_WITH(make({.layers = 1,
+                          .q_heads = 8,
+                          .kv_heads = 2,
+                          .head_dim = 64,
+                          .max_tokens = 10,
+                          .softmax_scale = -1.f}),
+                    Contains("softmax_scale -1"));
+  CHECK_THROWS_WITH(make({.layers = 1,
+                          .q_heads = 8,
+                          .kv_heads = 2,
+                          .head_dim = 64,
+                          .max_tokens = 10,
+                          .softmax_scale = std::numeric_limits<float>::quiet_NaN()}),
+                    Contains("softmax_scale"));
+}
+
+namespace {
+// A user's grouping that returns a KV head count the cache cannot serve.
+struct zero_heads {
+  using axis = grouping_tag;
+  static constexpr std::string_view name = "zero_heads";
+  static constexpr std::size_t head_dim = 64;
+  static std::size_t kv_heads(std::size_t, std::size_t) { return 0; }
+};
+static_assert(grouping_policy<zero_heads>);
+}  // namespace
+
+TEST_CASE("a custom grouping's KV head count is checked", "[errors]") {
+  CHECK_THROWS_WITH((cache<zero_heads, contiguous, full, fp16>(
+                        {.layers = 1, .q_heads = 8, .kv_heads = 2, .max_tokens = 8})),
+                    Contains("zero_heads gives 0 KV heads"));
 }
 
 TEST_CASE("every entry point validates and keeps the strong guarantee", "[errors]") {

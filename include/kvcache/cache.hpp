@@ -432,6 +432,12 @@ class cache {
     L.layers = c.layers;
     L.q_heads = c.q_heads;
     L.kv_heads = G::kv_heads(c.q_heads, c.kv_heads);
+    // A user's grouping is checked here too: the kernels divide by kv_heads.
+    detail::require(L.kv_heads > 0 && c.q_heads % L.kv_heads == 0, G::name, " gives ", L.kv_heads,
+                    " KV heads for ", c.q_heads,
+                    " query heads; it must give at least 1 and divide them");
+    detail::require(std::isfinite(c.softmax_scale) && c.softmax_scale >= 0.f, "softmax_scale ",
+                    c.softmax_scale, " must be finite and not negative (0: 1 / sqrt(head_dim))");
     if constexpr (G::head_dim == dynamic) {
       detail::require(c.head_dim > 0, "head_dim is 0; ", G::name,
                       "<dynamic> needs cache_config::head_dim");
