@@ -11,5 +11,6 @@
 #include "half.hpp"
 #include "memory.hpp"
 #include "precision/floating.hpp"
+#include "precision/quantized.hpp"
 #include "storage/contiguous.hpp"
 #include "tensor.hpp"

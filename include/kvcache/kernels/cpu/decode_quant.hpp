@@ -1,0 +1,332 @@
+// CPU decode attention over block-quantized rows (block_precision, see
+// concepts.hpp), read in place: no dequantised copy of the cache and no
+// per-token float rows. The loop structure is decode.hpp's (flash-decoding
+// items, decode_streams items in lockstep per thread, 16-token tiles, every
+// K/V element read once for all query heads of its group); what differs is
+// how 16 elements of a row become a float vector:
+//   - built-in formats (P::format): vectorised readers below, which apply
+//     the block's fp16 scale (and min) while widening the codes;
+//   - any other block_precision: its KVCACHE_HOST_DEVICE dot_block and
+//     accumulate_block, one block at a time.
+// Precisions with a change of basis (hadamard<P>) get their queries
+// transformed once per item and their partial outputs transformed back before
+// the log-sum-exp merge, which is linear, so the merge is unchanged.
+// Scores and outputs are fp32: this path adds only fp32 rounding (the tests
+// hold it to 1e-4 against a float64 attention over the dequantised rows).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "../../concepts.hpp"
+#include "../../detail/simd.hpp"
+#include "../../precision/block.hpp"
+#include "../plan.hpp"
+#include "../view.hpp"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace kvcache {
+inline namespace v0 {
+namespace detail {
+
+template <class P>
+concept rotating_precision = requires(float* x, std::size_t n) {
+  P::transform_query(x, n);
+  P::transform_output(x, n);
+};
+
+template <class P>
+concept formatted_precision = block_precision<P> && requires { typename P::format; };
+
+namespace simd {
+using vb = std::int8_t __attribute__((vector_size(16)));
+using vub = std::uint8_t __attribute__((vector_size(16)));
+
+//! fp16 bits -> float for the scalar metadata of the inner loops: one F16C
+//! instruction where available, else the portable conversion.
+KVCACHE_ALWAYS_INLINE float half_scalar(std::uint16_t h) noexcept {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return half_bits_to_float(h);
+#endif
+}
+
+//! Sixteen fp16 bit patterns (in 32-bit lanes) -> floats.
+KVCACHE_ALWAYS_INLINE vf half_lanes_to_float(vu h) noexcept {
+  const vh hv = __builtin_convertvector(h, vh);
+#if defined(__AVX512F__)
+  __m256i x;
+  std::memcpy(&x, &hv, 32);
+  return (vf)_mm512_cvtph_ps(x);
+#else
+  return half_to_float_portable(hv);
+#endif
+}
+}  // namespace simd
+
+//! Elements [16 c, 16 c + 16) of a row of format F, decoded to floats. The
+//! scalar block functions of block.hpp define the same values; a test compares.
+template <class F>
+KVCACHE_ALWAYS_INLINE simd::vf read16(const std::byte* row, std::size_t c,
+                                      std::size_t dim) noexcept {
+  using namespace simd;
+  const auto* p = reinterpret_cast<const std::uint8_t*>(row);
+  const std::size_t b = c * lanes / F::group;
+  std::uint16_t sb;
+  std::memcpy(&sb, row + F::scale_offset(dim) + 2 * b, 2);
+  const float s = half_scalar(sb);
+  if constexpr (F::kind == block_kind::int8_sym) {
+    vb v;
+    std::memcpy(&v, p + c * lanes, 16);
+    return __builtin_convertvector(v, vf) * s;
+  } else if constexpr (F::kind == block_kind::fp8_e4m3) {
+    vub v;
+    std::memcpy(&v, p + c * lanes, 16);
+    const vu x = __builtin_convertvector(v, vu);
+    return half_lanes_to_float(((x & 0x80u) << 8) | ((x & 0x7fu) << 7)) * (s * 256.f);
+  } else {
+    float m;
+    if constexpr (F::asymmetric) {
+      std::uint16_t mb;
+      std::memcpy(&mb, row + F::min_offset(dim) + 2 * b, 2);
+      m = half_scalar(mb);
+    } else {
+      m = -8.f * s;
+    }
+    vu x;
+    if constexpr (F::bits == 4) {
+      // 32-element sub-block c / 2: low nibbles are its first 16 elements.
+      vub v;
+      std::memcpy(&v, p + (c / 2) * 16, 16);
+      x = (__builtin_convertvector(v, vu) >> static_cast<std::uint32_t>(4 * (c % 2))) & 15u;
+    } else {
+      // 8 bytes per 32 elements: lane i of half h is byte i % 8 at bit 2 (2h + i / 8).
+      vub v{};
+      std::memcpy(&v, p + (c / 2) * 8, 8);
+      const vub w = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+      const vu shift = vu{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2} + static_cast<std::uint32_t>(4 * (c % 2));
+      x = (__builtin_convertvector(w, vu) >> shift) & 3u;
+    }
+    return __builtin_convertvector(x, vf) * s + m;
+  }
+}
+
+//! Decoded 16 elements of a row of precision P (built-in format).
+template <class P>
+KVCACHE_ALWAYS_INLINE simd::vf read_row16(const std::byte* row, std::size_t c,
+                                          std::size_t dim) noexcept {
+  return read16<typename P::format>(row, c, dim);
+}
+
+//! Running softmax state of one item.
+struct quant_stream {
+  const decode_item* item = nullptr;
+  const float* q = nullptr;  // (g, dim)        scaled, transformed queries
+  float* o = nullptr;        // (g, dim + 1)
+  float* m = nullptr;        // (g)
+  float* l = nullptr;        // (g)
+  std::size_t t = 0;
+};
+
+//! Floats of per-worker scratch decode_quant_task needs beyond decode.hpp's.
+inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
+  const std::size_t g = L.group();
+  return decode_streams * (2 * g + g * L.head_dim) + g * decode_tile + 64;
+}
+
+//! Scores of up to 16 tokens x g heads into sc (g, decode_tile), by formats'
+//! vectorised readers, HB heads at a time.
+template <class P, std::size_t D, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void quant_scores(const quant_stream& s, const std::byte* K, std::size_t rb,
+                                        std::size_t n, std::size_t g, std::size_t dim_rt,
+                                        float* sc) noexcept {
+  using namespace simd;
+  const std::size_t dim = D ? D : dim_rt, nc = dim / lanes;
+  constexpr std::size_t TOK = lanes / HB;
+  for (std::size_t hb = 0; hb < g; hb += HB) {
+    const float* q = s.q + hb * dim;
+    for (std::size_t j0 = 0; j0 < decode_tile; j0 += TOK) {
+      vf acc[lanes] = {};
+      const std::byte* k[TOK];
+      for (std::size_t t = 0; t < TOK; ++t) k[t] = K + std::min(j0 + t, n - 1) * rb;
+      for (std::size_t c = 0; c < nc; ++c) {
+        vf qv[HB];
+        for (std::size_t h = 0; h < HB; ++h) qv[h] = load(q + h * dim + c * lanes);
+        for (std::size_t t = 0; t < TOK; ++t) {
+          const vf kv = read_row16<P>(k[t], c, dim);
+          for (std::size_t h = 0; h < HB; ++h) acc[h * TOK + t] += qv[h] * kv;
+        }
+      }
+      const vf sums = reduce16(acc);
+      for (std::size_t h = 0; h < HB; ++h)
+        for (std::size_t t = 0; t < TOK; ++t)
+          sc[(hb + h) * decode_tile + j0 + t] = j0 + t < n ? sums[h * TOK + t] : -INFINITY;
+    }
+  }
+}
+
+//! Online softmax over one tile's scores: sc becomes the weights, corr the
+//! rescaling of each head's running output.
+KVCACHE_ALWAYS_INLINE void quant_softmax(quant_stream& s, std::size_t g, float* sc,
+                                         float* corr) noexcept {
+  using namespace simd;
+  for (std::size_t h = 0; h < g; ++h) {
+    float* srow = sc + h * decode_tile;
+    const vf sv = load(srow);
+    const float mo = s.m[h];
+    const float mn = std::max(mo, reduce_max(sv));
+    const vf p = exp_neg(sv - mn);
+    corr[h] = std::exp(mo - mn);  // 0 on the first tile (mo = -inf)
+    s.l[h] = s.l[h] * corr[h] + reduce_add(p);
+    s.m[h] = mn;
+    store(srow, p);
+  }
+}
+
+//! o = o x corr + weights x V over up to 16 tokens, HB heads at a time.
+template <class P, std::size_t D, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void quant_accumulate(quant_stream& s, const std::byte* V, std::size_t rb,
+                                            std::size_t n, std::size_t g, std::size_t dim_rt,
+                                            const float* sc, const float* corr) noexcept {
+  using namespace simd;
+  const std::size_t dim = D ? D : dim_rt, nc = dim / lanes, stride = dim + 1;
+  for (std::size_t hb = 0; hb < g; hb += HB)
+    for (std::size_t c = 0; c < nc; ++c) {
+      vf ov[HB];
+      for (std::size_t h = 0; h < HB; ++h)
+        ov[h] = load(s.o + (hb + h) * stride + c * lanes) * corr[hb + h];
+      for (std::size_t j = 0; j < n; ++j) {
+        const vf vv = read_row16<P>(V + j * rb, c, dim);
+        for (std::size_t h = 0; h < HB; ++h) ov[h] += sc[(hb + h) * decode_tile + j] * vv;
+      }
+      for (std::size_t h = 0; h < HB; ++h) store(s.o + (hb + h) * stride + c * lanes, ov[h]);
+    }
+}
+
+//! The same tile through the precision's block functions (a user's
+//! block_precision without a built-in format).
+template <class P>
+void quant_tile_blocks(quant_stream& s, const std::byte* K, const std::byte* V, std::size_t rb,
+                       std::size_t n, std::size_t g, std::size_t dim, float* sc, float* corr) {
+  const std::size_t G = P::group, nb = dim / G, stride = dim + 1;
+  for (std::size_t h = 0; h < g; ++h)
+    for (std::size_t j = 0; j < decode_tile; ++j) {
+      float acc = -INFINITY;
+      if (j < n) {
+        acc = 0.f;
+        for (std::size_t b = 0; b < nb; ++b)
+          acc += P::dot_block(s.q + h * dim + b * G, K + j * rb, b, dim);
+      }
+      sc[h * decode_tile + j] = acc;
+    }
+  quant_softmax(s, g, sc, corr);
+  for (std::size_t h = 0; h < g; ++h) {
+    float* o = s.o + h * stride;
+    for (std::size_t d = 0; d < dim; ++d) o[d] *= corr[h];
+    for (std::size_t j = 0; j < n; ++j)
+      for (std::size_t b = 0; b < nb; ++b)
+        P::accumulate_block(sc[h * decode_tile + j], V + j * rb, b, dim, o + b * G);
+  }
+}
+
+//! One thread task: up to decode_streams adjacent items in lockstep, as
+//! decode.hpp's decode_task. qs: (decode group, g, dim) scaled queries;
+//! partial: (item, g, dim + 1) normalised outputs and their lse.
+template <class P, std::size_t D, std::size_t HB>
+void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* seqs,
+                       const work_plan& plan, const float* qs, float* partial, std::size_t first,
+                       std::size_t count, float* scratch) {
+  const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
+  const std::size_t stride = dim + 1;
+  quant_stream st[decode_streams];
+  float* sc = scratch;                        // (g, decode_tile)
+  float* ml = sc + g * decode_tile;           // (streams, 2, g)
+  float* qt = ml + 2 * g * decode_streams;    // (streams, g, dim) transformed queries
+  float* corr = qt + decode_streams * g * dim;  // (g)
+  const auto& groups = plan.decode_groups;
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::size_t idx = first + i;
+    const std::size_t grp =
+        std::upper_bound(groups.begin(), groups.end(), idx) - groups.begin() - 1;
+    st[i].item = &plan.decode[idx];
+    st[i].q = qs + grp * g * dim;
+    if constexpr (rotating_precision<P>) {
+      float* q = qt + i * g * dim;
+      for (std::size_t h = 0; h < g; ++h) {
+        std::memcpy(q + h * dim, st[i].q + h * dim, dim * sizeof(float));
+        P::transform_query(q + h * dim, dim);
+      }
+      st[i].q = q;
+    }
+    st[i].o = partial + idx * g * stride;
+    st[i].m = ml + i * 2 * g;
+    st[i].l = st[i].m + g;
+    st[i].t = st[i].item->begin;
+    for (std::size_t h = 0; h < g; ++h) {
+      st[i].m[h] = -INFINITY;
+      st[i].l[h] = 0.f;
+      for (std::size_t d = 0; d < dim; ++d) st[i].o[h * stride + d] = 0.f;
+    }
+  }
+  for (bool active = true; active;) {
+    active = false;
+    for (std::size_t i = 0; i < count; ++i) {
+      quant_stream& s = st[i];
+      const decode_item& it = *s.item;
+      if (s.t >= it.end) continue;
+      const seq_view& sv = seqs[it.seq];
+      const std::size_t in_page = sv.page_tokens - s.t % sv.page_tokens;
+      const std::size_t n = std::min({decode_tile, it.end - s.t, in_page});
+      const std::byte* K = sv.row(L.run_offset(sv.page_tokens, layer, 0, it.head), s.t, rb);
+      const std::byte* V = sv.row(L.run_offset(sv.page_tokens, layer, 1, it.head), s.t, rb);
+      if constexpr (formatted_precision<P>) {
+        quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
+        quant_softmax(s, g, sc, corr);
+        quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
+      } else {
+        quant_tile_blocks<P>(s, K, V, rb, n, g, dim, sc, corr);
+      }
+      s.t += n;
+      active = active || s.t < it.end;
+    }
+  }
+  for (std::size_t i = 0; i < count; ++i) {
+    for (std::size_t h = 0; h < g; ++h) {
+      float* o = st[i].o + h * stride;
+      const float inv = 1.0f / st[i].l[h];
+      for (std::size_t d = 0; d < dim; ++d) o[d] *= inv;
+      if constexpr (rotating_precision<P>) P::transform_output(o, dim);
+      o[dim] = st[i].m[h] + std::log(st[i].l[h]);
+    }
+  }
+}
+
+//! decode_quant_task with the head blocking chosen from the group size.
+template <class P, std::size_t D>
+void decode_quant_items(const kv_layout& L, std::size_t layer, const seq_view* seqs,
+                        const work_plan& plan, const float* qs, float* partial, std::size_t first,
+                        std::size_t count, float* scratch) {
+  const std::size_t g = L.group();
+  if (g % 4 == 0)
+    decode_quant_task<P, D, 4>(L, layer, seqs, plan, qs, partial, first, count, scratch);
+  else if (g % 2 == 0)
+    decode_quant_task<P, D, 2>(L, layer, seqs, plan, qs, partial, first, count, scratch);
+  else
+    decode_quant_task<P, D, 1>(L, layer, seqs, plan, qs, partial, first, count, scratch);
+}
+
+}  // namespace detail
+}  // namespace v0
+}  // namespace kvcache
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
