@@ -46,8 +46,6 @@ template <class P>
 concept formatted_precision = block_precision<P> && requires { typename P::format; };
 
 namespace simd {
-using vb = std::int8_t __attribute__((vector_size(16)));
-using vub = std::uint8_t __attribute__((vector_size(16)));
 
 //! fp16 bits -> float for the scalar metadata of the inner loops: one F16C
 //! instruction where available, else the portable conversion.
@@ -70,6 +68,36 @@ KVCACHE_ALWAYS_INLINE vf half_lanes_to_float(vu h) noexcept {
   return half_to_float_portable(hv);
 #endif
 }
+
+//! Sixteen bytes widened to 32-bit lanes, sign- or zero-extended. GCC
+//! scalarises __builtin_convertvector between these sizes, so AVX-512 gets
+//! the one instruction it has.
+KVCACHE_ALWAYS_INLINE vi widen_signed(const std::uint8_t* p) noexcept {
+#if defined(__AVX512F__)
+  const __m512i x = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  vi r;
+  std::memcpy(&r, &x, 64);
+  return r;
+#else
+  vi r;
+  for (int i = 0; i < lanes; ++i) r[i] = static_cast<std::int8_t>(p[i]);
+  return r;
+#endif
+}
+KVCACHE_ALWAYS_INLINE vu widen_unsigned(const std::uint8_t* p) noexcept {
+#if defined(__AVX512F__)
+  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  vu r;
+  std::memcpy(&r, &x, 64);
+  return r;
+#else
+  vu r;
+  for (int i = 0; i < lanes; ++i) r[i] = p[i];
+  return r;
+#endif
+}
+KVCACHE_ALWAYS_INLINE vf to_float(vi x) noexcept { return __builtin_convertvector(x, vf); }
+
 }  // namespace simd
 
 //! Elements [16 c, 16 c + 16) of a row of format F, decoded to floats. The
@@ -84,13 +112,9 @@ KVCACHE_ALWAYS_INLINE simd::vf read16(const std::byte* row, std::size_t c,
   std::memcpy(&sb, row + F::scale_offset(dim) + 2 * b, 2);
   const float s = half_scalar(sb);
   if constexpr (F::kind == block_kind::int8_sym) {
-    vb v;
-    std::memcpy(&v, p + c * lanes, 16);
-    return __builtin_convertvector(v, vf) * s;
+    return to_float(widen_signed(p + c * lanes)) * s;
   } else if constexpr (F::kind == block_kind::fp8_e4m3) {
-    vub v;
-    std::memcpy(&v, p + c * lanes, 16);
-    const vu x = __builtin_convertvector(v, vu);
+    const vu x = widen_unsigned(p + c * lanes);
     return half_lanes_to_float(((x & 0x80u) << 8) | ((x & 0x7fu) << 7)) * (s * 256.f);
   } else {
     float m;
@@ -104,18 +128,17 @@ KVCACHE_ALWAYS_INLINE simd::vf read16(const std::byte* row, std::size_t c,
     vu x;
     if constexpr (F::bits == 4) {
       // 32-element sub-block c / 2: low nibbles are its first 16 elements.
-      vub v;
-      std::memcpy(&v, p + (c / 2) * 16, 16);
-      x = (__builtin_convertvector(v, vu) >> static_cast<std::uint32_t>(4 * (c % 2))) & 15u;
+      x = (widen_unsigned(p + (c / 2) * 16) >> static_cast<std::uint32_t>(4 * (c % 2))) & 15u;
     } else {
       // 8 bytes per 32 elements: lane i of half h is byte i % 8 at bit 2 (2h + i / 8).
-      vub v{};
-      std::memcpy(&v, p + (c / 2) * 8, 8);
-      const vub w = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-      const vu shift = vu{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2} + static_cast<std::uint32_t>(4 * (c % 2));
-      x = (__builtin_convertvector(w, vu) >> shift) & 3u;
+      std::uint8_t w[16];
+      std::memcpy(w, p + (c / 2) * 8, 8);
+      std::memcpy(w + 8, p + (c / 2) * 8, 8);
+      const vu shift = vu{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2} +
+                       static_cast<std::uint32_t>(4 * (c % 2));
+      x = (widen_unsigned(w) >> shift) & 3u;
     }
-    return __builtin_convertvector(x, vf) * s + m;
+    return to_float((vi)x) * s + m;
   }
 }
 
