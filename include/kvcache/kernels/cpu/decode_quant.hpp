@@ -20,12 +20,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "../../concepts.hpp"
 #include "../../detail/simd.hpp"
 #include "../../precision/block.hpp"
 #include "../plan.hpp"
 #include "../view.hpp"
+#include "vnni.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
@@ -44,6 +46,24 @@ concept rotating_precision = requires(float* x, std::size_t n) {
 
 template <class P>
 concept formatted_precision = block_precision<P> && requires { typename P::format; };
+
+template <class P>
+struct format_of {
+  using type = void;
+};
+template <formatted_precision P>
+struct format_of<P> {
+  using type = typename P::format;
+};
+
+//! Whether this build scores P's blocks with integer dot products (vnni.hpp).
+template <class P>
+constexpr bool integer_scores() noexcept {
+  if constexpr (formatted_precision<P>)
+    return KVCACHE_HAS_VNNI && vnni::supported_format<typename P::format>();
+  else
+    return false;
+}
 
 namespace simd {
 
@@ -161,8 +181,10 @@ struct quant_stream {
 
 //! Floats of per-worker scratch decode_quant_task needs beyond decode.hpp's.
 inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
-  const std::size_t g = L.group();
-  return decode_streams * (2 * g + g * L.head_dim) + g * decode_tile + 64;
+  const std::size_t g = L.group(), dim = L.head_dim, nb = dim / 32;
+  const std::size_t integer = decode_streams * g * vnni::query_view::words(dim, 32) +
+                              dim / 4 * 16 + 2 * nb * 16 + 32;
+  return decode_streams * (2 * g + g * dim) + g * decode_tile + 64 + integer;
 }
 
 //! Scores of up to 16 tokens x g heads into sc (g, decode_tile), by formats'
@@ -260,6 +282,38 @@ void quant_tile_blocks(quant_stream& s, const std::byte* K, const std::byte* V, 
   }
 }
 
+//! Scores of one tile for all g heads by integer dot products (vnni.hpp).
+template <class F, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t rb, std::size_t n,
+                                               std::size_t g, std::size_t dim,
+                                               const vnni::query_view* q, void* T,
+                                               const std::uint16_t* col_of,
+                                               const std::uint32_t* col_start, float* scales,
+                                               float* mins, float* sc) noexcept {
+#if KVCACHE_HAS_VNNI
+  const std::size_t nb = dim / F::group;
+  vnni::unpack_tile<F>(K, rb, n, dim, static_cast<__m512i*>(T));
+  for (std::size_t t = 0; t < 16; ++t) {
+    const std::byte* row = K + std::min(t, n - 1) * rb;
+    for (std::size_t b = 0; b < nb; ++b) {
+      std::uint16_t h;
+      std::memcpy(&h, row + F::scale_offset(dim) + 2 * b, 2);
+      scales[b * 16 + t] = simd::half_scalar(h);
+      if constexpr (F::asymmetric) {
+        std::memcpy(&h, row + F::min_offset(dim) + 2 * b, 2);
+        mins[b * 16 + t] = simd::half_scalar(h);
+      }
+    }
+  }
+  for (std::size_t hb = 0; hb < g; hb += HB)
+    vnni::tile_scores<F, HB>(n, dim, q + hb, static_cast<const __m512i*>(T), col_of, col_start,
+                             scales, mins, sc + hb * decode_tile, decode_tile);
+#else
+  (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
+  (void)col_start, (void)scales, (void)mins, (void)sc;
+#endif
+}
+
 //! One thread task: up to decode_streams adjacent items in lockstep, as
 //! decode.hpp's decode_task. qs: (decode group, g, dim) scaled queries;
 //! partial: (item, g, dim + 1) normalised outputs and their lse.
@@ -274,6 +328,31 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   float* ml = sc + g * decode_tile;           // (streams, 2, g)
   float* qt = ml + 2 * g * decode_streams;    // (streams, g, dim) transformed queries
   float* corr = qt + decode_streams * g * dim;  // (g)
+  // Integer scores (vnni.hpp): quantized queries, the transposed tile, and the
+  // tile's scales and mins with tokens in lanes.
+  constexpr bool integer = integer_scores<P>();
+  using F = typename format_of<P>::type;
+  [[maybe_unused]] bool use_integer = false;
+  [[maybe_unused]] vnni::query_view qv[decode_streams * 64];  // (streams, g) for g <= 64
+  [[maybe_unused]] std::uint16_t col_of[512];
+  [[maybe_unused]] std::uint32_t col_start[65];
+  [[maybe_unused]] float *tile_scales = nullptr, *tile_mins = nullptr;
+  [[maybe_unused]] void* tile_T = nullptr;
+  if constexpr (integer) {
+    use_integer = vnni::supported_dim<F>(dim) && g <= 64 && dim <= 2048;
+    if (use_integer) {
+      const std::size_t words = vnni::query_view::words(dim, F::group), nb = dim / F::group;
+      auto* qbase = reinterpret_cast<std::int32_t*>(corr + g);
+      for (std::size_t i = 0; i < decode_streams * g; ++i)
+        qv[i] = {qbase + i * words, dim / 4, nb};
+      auto addr = reinterpret_cast<std::uintptr_t>(qbase + decode_streams * g * words);
+      addr = (addr + 63) & ~std::uintptr_t{63};
+      tile_T = reinterpret_cast<void*>(addr);
+      tile_scales = reinterpret_cast<float*>(addr) + dim / 4 * 16;
+      tile_mins = tile_scales + nb * 16;
+      vnni::block_columns<F>(dim, col_of, col_start);
+    }
+  }
   const auto& groups = plan.decode_groups;
   for (std::size_t i = 0; i < count; ++i) {
     const std::size_t idx = first + i;
@@ -289,6 +368,10 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       }
       st[i].q = q;
     }
+    if constexpr (integer)
+      if (use_integer)
+        for (std::size_t h = 0; h < g; ++h)
+          vnni::quantize_query<F>(st[i].q + h * dim, dim, qv[i * g + h]);
     st[i].o = partial + idx * g * stride;
     st[i].m = ml + i * 2 * g;
     st[i].l = st[i].m + g;
@@ -310,7 +393,15 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       const std::size_t n = std::min({decode_tile, it.end - s.t, in_page});
       const std::byte* K = sv.row(L.run_offset(sv.page_tokens, layer, 0, it.head), s.t, rb);
       const std::byte* V = sv.row(L.run_offset(sv.page_tokens, layer, 1, it.head), s.t, rb);
-      if constexpr (formatted_precision<P>) {
+      if constexpr (integer) {
+        if (use_integer)
+          integer_tile_scores<F, HB>(K, rb, n, g, dim, qv + i * g, tile_T, col_of, col_start,
+                                     tile_scales, tile_mins, sc);
+        else
+          quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
+        quant_softmax(s, g, sc, corr);
+        quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
+      } else if constexpr (formatted_precision<P>) {
         quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
         quant_softmax(s, g, sc, corr);
         quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
