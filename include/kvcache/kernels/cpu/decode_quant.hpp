@@ -64,6 +64,14 @@ constexpr bool integer_scores() noexcept {
   else
     return false;
 }
+//! Whether it also accumulates P's value blocks with integer dot products.
+template <class P>
+constexpr bool integer_values() noexcept {
+  if constexpr (formatted_precision<P>)
+    return KVCACHE_HAS_VNNI && vnni::values_supported<typename P::format>();
+  else
+    return false;
+}
 
 namespace simd {
 
@@ -183,7 +191,8 @@ struct quant_stream {
 inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim, nb = dim / 32;
   const std::size_t integer = decode_streams * g * vnni::query_view::words(dim, 32) +
-                              dim / 4 * 16 + 2 * nb * 16 + 32;
+                              dim / 4 * 16 + 2 * nb * 16 + 32 + decode_streams * g * nb * 16 +
+                              g * nb * 8 + 16;
   return decode_streams * (2 * g + g * dim) + g * decode_tile + 64 + integer;
 }
 
@@ -293,17 +302,11 @@ KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t r
 #if KVCACHE_HAS_VNNI
   const std::size_t nb = dim / F::group;
   vnni::unpack_tile<F>(K, rb, n, dim, static_cast<__m512i*>(T));
-  for (std::size_t t = 0; t < 16; ++t) {
-    const std::byte* row = K + std::min(t, n - 1) * rb;
-    for (std::size_t b = 0; b < nb; ++b) {
-      std::uint16_t h;
-      std::memcpy(&h, row + F::scale_offset(dim) + 2 * b, 2);
-      scales[b * 16 + t] = simd::half_scalar(h);
-      if constexpr (F::asymmetric) {
-        std::memcpy(&h, row + F::min_offset(dim) + 2 * b, 2);
-        mins[b * 16 + t] = simd::half_scalar(h);
-      }
-    }
+  const __m512i offs = vnni::tile_offsets(n, rb);
+  for (std::size_t b = 0; b < nb; ++b) {
+    _mm512_storeu_ps(scales + b * 16, vnni::gather_half(K, offs, F::scale_offset(dim) + 2 * b));
+    if constexpr (F::asymmetric)
+      _mm512_storeu_ps(mins + b * 16, vnni::gather_half(K, offs, F::min_offset(dim) + 2 * b));
   }
   for (std::size_t hb = 0; hb < g; hb += HB)
     vnni::tile_scores<F, HB>(n, dim, q + hb, static_cast<const __m512i*>(T), col_of, col_start,
@@ -311,6 +314,23 @@ KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t r
 #else
   (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
   (void)col_start, (void)scales, (void)mins, (void)sc;
+#endif
+}
+
+//! o = o x corr + p V for one tile and all g heads by integer dot products.
+template <class F, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t rb, std::size_t n,
+                                               std::size_t g, std::size_t dim, const float* sc,
+                                               const float* corr, float* o, std::size_t stride,
+                                               std::int16_t* W, float* bias) noexcept {
+#if KVCACHE_HAS_VNNI
+  const std::size_t nb = dim / F::group;
+  for (std::size_t hb = 0; hb < g; hb += HB)
+    vnni::tile_values<F, HB>(V, rb, n, dim, sc + hb * decode_tile, decode_tile, corr + hb,
+                             o + hb * stride, stride, W, bias + hb * nb * 16);
+#else
+  (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
+  (void)W, (void)bias;
 #endif
 }
 
@@ -338,6 +358,9 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   [[maybe_unused]] std::uint32_t col_start[65];
   [[maybe_unused]] float *tile_scales = nullptr, *tile_mins = nullptr;
   [[maybe_unused]] void* tile_T = nullptr;
+  [[maybe_unused]] float* value_bias = nullptr;         // (streams, g, nb, 16)
+  [[maybe_unused]] std::int16_t* value_w = nullptr;     // (g, nb, 16)
+  constexpr bool integer_v = integer_values<P>();
   if constexpr (integer) {
     use_integer = vnni::supported_dim<F>(dim) && g <= 64 && dim <= 2048;
     if (use_integer) {
@@ -350,6 +373,8 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       tile_T = reinterpret_cast<void*>(addr);
       tile_scales = reinterpret_cast<float*>(addr) + dim / 4 * 16;
       tile_mins = tile_scales + nb * 16;
+      value_bias = tile_mins + nb * 16;
+      value_w = reinterpret_cast<std::int16_t*>(value_bias + decode_streams * g * nb * 16);
       vnni::block_columns<F>(dim, col_of, col_start);
     }
   }
@@ -372,6 +397,10 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       if (use_integer)
         for (std::size_t h = 0; h < g; ++h)
           vnni::quantize_query<F>(st[i].q + h * dim, dim, qv[i * g + h]);
+    if constexpr (integer_v)
+      if (use_integer)
+        for (std::size_t k = 0; k < g * (dim / F::group) * 16; ++k)
+          value_bias[i * g * (dim / F::group) * 16 + k] = 0.f;
     st[i].o = partial + idx * g * stride;
     st[i].m = ml + i * 2 * g;
     st[i].l = st[i].m + g;
@@ -400,7 +429,16 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         else
           quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
         quant_softmax(s, g, sc, corr);
-        quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
+        if constexpr (integer_v) {
+          if (use_integer) {
+            integer_tile_values<F, HB>(V, rb, n, g, dim, sc, corr, s.o, stride, value_w,
+                                       value_bias + i * g * (dim / F::group) * 16);
+          } else {
+            quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
+          }
+        } else {
+          quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
+        }
       } else if constexpr (formatted_precision<P>) {
         quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
         quant_softmax(s, g, sc, corr);
@@ -410,6 +448,20 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       }
       s.t += n;
       active = active || s.t < it.end;
+    }
+  }
+  if constexpr (integer_v) {
+    if constexpr (F::asymmetric) {
+      if (use_integer)
+        for (std::size_t i = 0; i < count; ++i)
+          for (std::size_t h = 0; h < g; ++h)
+            for (std::size_t b = 0; b < dim / F::group; ++b) {
+              const float* acc = value_bias + ((i * g + h) * (dim / F::group) + b) * 16;
+              float sum = 0.f;
+              for (std::size_t t = 0; t < 16; ++t) sum += acc[t];
+              float* o = st[i].o + h * stride + b * F::group;
+              for (std::size_t d = 0; d < F::group; ++d) o[d] += sum;
+            }
     }
   }
   for (std::size_t i = 0; i < count; ++i) {

@@ -246,6 +246,141 @@ KVCACHE_ALWAYS_INLINE void tile_scores(std::size_t n, std::size_t dim, const que
     _mm512_storeu_ps(sc + h * sc_stride, _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), score[h]));
 }
 
+// ---- P.V: weights x values with vpdpwssd ----------------------------------
+//
+// Lanes are dimensions. Each softmax weight is multiplied by its token's
+// block scale and rounded to int16 against the tile's largest product
+//   W = round(p x scale_b x 32767 / wmax),      wmax = max |p x scale_b|
+// and a vector holds 16 dimensions of two tokens as int16 pairs, so one
+// vpdpwssd adds 32 products per head. Integer codes carry no rounding; the
+// int16 weights add a relative error near 2^-16 per weight (tests: 1e-4).
+// Asymmetric formats' mins add sum_t p x min_b to every element of block b,
+// kept as a per-(head, block) vector over tokens and added at the end.
+
+template <class F>
+constexpr bool values_supported() noexcept {
+  return F::kind == block_kind::int8_sym || F::kind == block_kind::int4_sym ||
+         F::kind == block_kind::int4_asym;
+}
+
+//! Row indices of a tile (rows past n repeat row n - 1) times the row stride.
+KVCACHE_ALWAYS_INLINE __m512i tile_offsets(std::size_t n, std::size_t rb) noexcept {
+  const __m512i t = _mm512_min_epu32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(n - 1)));
+  return _mm512_mullo_epi32(t, _mm512_set1_epi32(static_cast<int>(rb)));
+}
+
+//! fp16 metadata at byte `off` of each row of the tile, as 16 floats. Reads
+//! the dword that ends there (off >= 2: codes precede all metadata), so no
+//! byte past a row's end is touched.
+KVCACHE_ALWAYS_INLINE __m512 gather_half(const std::byte* rows, __m512i offsets,
+                                         std::size_t off) noexcept {
+  const __m512i g = _mm512_i32gather_epi32(offsets, rows + off - 2, 1);
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+}
+
+//! Dimensions [16 z, 16 z + 16) of rows a and b as int16 pairs (a_d, b_d),
+//! codes centred on zero (int4 symmetric: code - 8). Two vectors for int4
+//! (z and z + 1, the low and high nibbles of one block).
+template <class F>
+KVCACHE_ALWAYS_INLINE void value_pairs(const std::uint8_t* a, const std::uint8_t* b, std::size_t z,
+                                       __m512i* out) noexcept {
+  const __m512i inter = _mm512_setr_epi32(
+      0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005, 0x00160006,
+      0x00170007, 0x00180008, 0x00190009, 0x001a000a, 0x001b000b, 0x001c000c, 0x001d000d,
+      0x001e000e, 0x001f000f);  // word 2i <- i, word 2i + 1 <- 16 + i
+  if constexpr (F::bits == 8) {
+    const __m256i x = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 16 * z))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * z)), 1);
+    out[0] = _mm512_permutexvar_epi16(inter, _mm512_cvtepi8_epi16(x));
+  } else {
+    const std::size_t blk = z / 2;
+    const __m256i x = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + 16 * blk))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * blk)), 1);
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    const __m256i lo = _mm256_and_si256(x, m), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m);
+    out[0] = _mm512_permutexvar_epi16(inter, _mm512_cvtepu8_epi16(lo));
+    out[1] = _mm512_permutexvar_epi16(inter, _mm512_cvtepu8_epi16(hi));
+    if constexpr (F::kind == block_kind::int4_sym) {
+      out[0] = _mm512_sub_epi16(out[0], _mm512_set1_epi16(8));
+      out[1] = _mm512_sub_epi16(out[1], _mm512_set1_epi16(8));
+    }
+  }
+}
+
+//! o = o x corr + p V over a tile of n <= 16 rows of V (stride rb), for HB
+//! heads. p: (HB, 16) weights (0 past n), o: (HB, ostride) outputs.
+//! W: (HB, nb, 16) int16 scratch. bias: (HB, nb, 16) running min terms
+//! (asymmetric formats only).
+template <class F, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::size_t n,
+                                       std::size_t dim, const float* p, std::size_t pstride,
+                                       const float* corr, float* o, std::size_t ostride,
+                                       std::int16_t* W, float* bias) noexcept {
+  constexpr std::size_t G = F::group;
+  const std::size_t nb = dim / G;
+  const __m512i offs = tile_offsets(n, rb);
+  float wscale[HB];
+  __m512 sv[64];  // nb <= 64
+  for (std::size_t b = 0; b < nb; ++b) sv[b] = gather_half(V, offs, F::scale_offset(dim) + 2 * b);
+  for (std::size_t h = 0; h < HB; ++h) {
+    const __m512 pv = _mm512_loadu_ps(p + h * pstride);
+    __m512 mx = _mm512_setzero_ps();
+    // |products|: q4_0-style scales are negative when a block's extreme is positive.
+    for (std::size_t b = 0; b < nb; ++b)
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(pv, sv[b])));
+    const float wmax = _mm512_reduce_max_ps(mx);
+    wscale[h] = wmax / 32767.f;
+    const __m512 inv = _mm512_set1_ps(wmax > 0.f ? 32767.f / wmax : 0.f);
+    for (std::size_t b = 0; b < nb; ++b) {
+      const __m512i w = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(pv, sv[b]), inv));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(W + (h * nb + b) * 16),
+                          _mm512_cvtepi32_epi16(w));
+    }
+    if constexpr (F::asymmetric)
+      for (std::size_t b = 0; b < nb; ++b) {
+        float* acc = bias + (h * nb + b) * 16;
+        const __m512 m = gather_half(V, offs, F::min_offset(dim) + 2 * b);
+        _mm512_storeu_ps(acc, _mm512_fmadd_ps(pv, m, _mm512_mul_ps(_mm512_loadu_ps(acc),
+                                                                 _mm512_set1_ps(corr[h]))));
+      }
+  }
+  const auto* W32 = reinterpret_cast<const std::int32_t*>(W);
+  const std::size_t pairs = (n + 1) / 2;
+  for (std::size_t c = 0; c < dim / 64; ++c) {
+    __m512i acc[HB][4];
+    for (std::size_t h = 0; h < HB; ++h)
+      for (std::size_t z = 0; z < 4; ++z) acc[h][z] = _mm512_setzero_si512();
+    for (std::size_t i = 0; i < pairs; ++i) {
+      const auto* a = reinterpret_cast<const std::uint8_t*>(V + 2 * i * rb);
+      const auto* b = reinterpret_cast<const std::uint8_t*>(V + std::min(2 * i + 1, n - 1) * rb);
+      __m512i v[4];
+      if constexpr (F::bits == 8) {
+        for (std::size_t z = 0; z < 4; ++z) value_pairs<F>(a, b, 4 * c + z, v + z);
+      } else {
+        value_pairs<F>(a, b, 4 * c, v);
+        value_pairs<F>(a, b, 4 * c + 2, v + 2);
+      }
+      for (std::size_t z = 0; z < 4; ++z) {
+        const std::size_t blk = (64 * c + 16 * z) / G;
+        for (std::size_t h = 0; h < HB; ++h)
+          acc[h][z] = _mm512_dpwssd_epi32(acc[h][z], v[z],
+                                          _mm512_set1_epi32(W32[(h * nb + blk) * 8 + i]));
+      }
+    }
+    for (std::size_t h = 0; h < HB; ++h)
+      for (std::size_t z = 0; z < 4; ++z) {
+        float* dst = o + h * ostride + 64 * c + 16 * z;
+        const __m512 prev = _mm512_mul_ps(_mm512_loadu_ps(dst), _mm512_set1_ps(corr[h]));
+        _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h][z]),
+                                              _mm512_set1_ps(wscale[h]), prev));
+      }
+  }
+}
+
 #endif  // KVCACHE_HAS_VNNI
 
 }  // namespace detail::vnni
