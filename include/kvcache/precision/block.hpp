@@ -82,6 +82,10 @@ KVCACHE_HOST_DEVICE float e4m3_to_float(std::uint8_t c) noexcept {
   return half_bits_to_float(h) * 256.f;
 }
 
+// Finite inputs only; std::fmax/fmin compile to library calls for their NaN rules.
+KVCACHE_HOST_DEVICE constexpr float max_f(float a, float b) noexcept { return a > b ? a : b; }
+KVCACHE_HOST_DEVICE constexpr float min_f(float a, float b) noexcept { return a < b ? a : b; }
+
 KVCACHE_HOST_DEVICE float fp16_round(float x) noexcept {
   return half_bits_to_float(float_to_half_bits(x));
 }
@@ -158,13 +162,13 @@ struct block_format {
     float s = 0.f, m = 0.f;
     if constexpr (K == block_kind::int8_sym || K == block_kind::fp8_e4m3) {
       float amax = 0.f;
-      for (std::size_t i = 0; i < G; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+      for (std::size_t i = 0; i < G; ++i) amax = max_f(amax, std::fabs(x[i]));
       constexpr float top = K == block_kind::int8_sym ? 127.f : 448.f;
-      s = fp16_round(std::fmin(amax / top, 65504.f));
+      s = fp16_round(min_f(amax / top, 65504.f));
       const float inv = s > 0.f ? 1.f / s : 0.f;
       for (std::size_t i = 0; i < G; ++i) {
         if constexpr (K == block_kind::int8_sym) {
-          const float r = std::fmax(-127.f, std::fmin(127.f, std::nearbyint(x[i] * inv)));
+          const float r = max_f(-127.f, min_f(127.f, std::nearbyint(x[i] * inv)));
           q[i] = static_cast<std::uint8_t>(static_cast<std::int8_t>(r));
         } else {
           q[i] = float_to_e4m3(x[i] * inv);
@@ -175,21 +179,21 @@ struct block_format {
       float amax = 0.f, mx = 0.f;
       for (std::size_t i = 0; i < G; ++i)
         if (std::fabs(x[i]) > amax) amax = std::fabs(x[i]), mx = x[i];
-      s = fp16_round(std::fmax(-65504.f, std::fmin(65504.f, mx / -8.f)));
+      s = fp16_round(max_f(-65504.f, min_f(65504.f, mx / -8.f)));
       const float inv = s != 0.f ? 1.f / s : 0.f;
       for (std::size_t i = 0; i < G; ++i)
         q[i] = static_cast<std::uint8_t>(
-            std::fmax(0.f, std::fmin(15.f, std::nearbyint(x[i] * inv) + 8.f)));
+            max_f(0.f, min_f(15.f, std::nearbyint(x[i] * inv) + 8.f)));
     } else {
       constexpr float top = static_cast<float>((1u << bits) - 1);
       float lo = x[0], hi = x[0];
-      for (std::size_t i = 1; i < G; ++i) lo = std::fmin(lo, x[i]), hi = std::fmax(hi, x[i]);
+      for (std::size_t i = 1; i < G; ++i) lo = min_f(lo, x[i]), hi = max_f(hi, x[i]);
       m = fp16_round(lo);
-      s = fp16_round(std::fmin((hi - m) / top, 65504.f));
+      s = fp16_round(min_f((hi - m) / top, 65504.f));
       const float inv = s > 0.f ? 1.f / s : 0.f;
       for (std::size_t i = 0; i < G; ++i)
         q[i] = static_cast<std::uint8_t>(
-            std::fmax(0.f, std::fmin(top, std::nearbyint((x[i] - m) * inv))));
+            max_f(0.f, min_f(top, std::nearbyint((x[i] - m) * inv))));
     }
     auto* c = reinterpret_cast<std::uint8_t*>(row) + b * G * bits / 8;
     if constexpr (bits == 8) {

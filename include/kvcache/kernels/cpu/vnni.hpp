@@ -107,24 +107,21 @@ void quantize_query(const float* q, std::size_t dim, const query_view& v) noexce
   }
   auto* hi = reinterpret_cast<std::int8_t*>(v.hi());
   auto* lo = reinterpret_cast<std::int8_t*>(v.lo());
+  float qs[64] = {};  // per block: sum of 256 hi + lo
   for (std::size_t p = 0; p < dim; ++p) {
     const std::size_t e = element_of<F>(p), b = e / G;
     const float x = q[e] * inv[b];
     const float h = std::nearbyint(x);
-    const float l = std::fmax(-127.f, std::fmin(127.f, std::nearbyint((x - h) * 256.f)));
+    const float l = max_f(-127.f, min_f(127.f, std::nearbyint((x - h) * 256.f)));
     hi[p] = static_cast<std::int8_t>(h);
     lo[p] = static_cast<std::int8_t>(l);
     v.init_hi()[b] -= off * static_cast<int>(h);
     v.init_lo()[b] -= off * static_cast<int>(l);
+    qs[b] += h * 256.f + l;
   }
   for (std::size_t b = 0; b < nb; ++b) {
     v.sq()[b] = sq[b] / 256.f;
-    // sum of q as quantized: sq (sum hi + sum lo / 256), recovered from the init terms
-    // only when offset != 0; compute directly instead.
-    float s = 0.f;
-    for (std::size_t p = 0; p < dim; ++p)
-      if (element_of<F>(p) / G == b) s += static_cast<float>(hi[p]) * 256.f + lo[p];
-    v.qsum()[b] = s * sq[b] / 256.f;
+    v.qsum()[b] = qs[b] * sq[b] / 256.f;  // the block's sum of q as quantized
   }
 }
 
