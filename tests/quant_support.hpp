@@ -73,6 +73,28 @@ struct dequant_driver {
 
   kvcache::seq_id add(std::size_t capacity) { return kv.add_sequence(capacity); }
 
+  //! Appends n tokens through write() alone (what a prefill leaves in the
+  //! cache, without paying for its attention).
+  void fill(kvcache::seq_id s, std::size_t n) {
+    auto st = kv.begin_step({{s, n}});
+    auto k = outliers ? outliers->keys(rng, n) : normal(rng, n * kv_heads * dim);
+    auto v = normal(rng, n * kv_heads * dim);
+    kv.write(0, st, kvcache::make_view<const float>(k.data(), n, kv_heads, dim),
+             kvcache::make_view<const float>(v.data(), n, kv_heads, dim));
+    auto &KO = k_orig[s], &VO = v_orig[s], &KD = k_deq[s], &VD = v_deq[s];
+    const std::size_t first = KO.size() / (kv_heads * dim);
+    KO.insert(KO.end(), k.begin(), k.end());
+    VO.insert(VO.end(), v.begin(), v.end());
+    std::vector<float> buf(dim);
+    for (std::size_t t = first; t < first + n; ++t)
+      for (std::size_t kind = 0; kind < 2; ++kind)
+        for (std::size_t h = 0; h < kv_heads; ++h) {
+          kv.read_row(0, s, t, kind, h, buf.data());
+          auto& dst = kind == 0 ? KD : VD;
+          dst.insert(dst.end(), buf.begin(), buf.end());
+        }
+  }
+
   //! One step; returns the relative L2 error against the decoded rows.
   double run(const std::vector<kvcache::append>& appends) {
     auto st = kv.begin_step(appends);

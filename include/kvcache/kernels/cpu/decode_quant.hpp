@@ -64,6 +64,16 @@ constexpr bool integer_scores() noexcept {
   else
     return false;
 }
+//! The relative L2 error decode may add to float64 attention over P's own
+//! decoded rows. Integer scores round the query to two bytes per element
+//! (2^-16 of each block's largest |q|): on keys with x15 outlier channels
+//! (scores spread over tens) that moved outputs by up to 1.5e-4, so they are
+//! held to 5e-4, well inside the 2e-3 an integer-dot kernel may add and
+//! small next to every integer format's own error (docs/quantization.md).
+//! The float paths add only fp32 rounding.
+template <class P>
+constexpr double decode_error_bound() noexcept;
+
 //! Whether it also accumulates P's value blocks with integer dot products.
 template <class P>
 constexpr bool integer_values() noexcept {
@@ -175,6 +185,11 @@ template <class P>
 KVCACHE_ALWAYS_INLINE simd::vf read_row16(const std::byte* row, std::size_t c,
                                           std::size_t dim) noexcept {
   return read16<typename P::format>(row, c, dim);
+}
+
+template <class P>
+constexpr double decode_error_bound() noexcept {
+  return integer_scores<P>() ? 5e-4 : 1e-4;
 }
 
 //! Running softmax state of one item.
