@@ -6,6 +6,7 @@
 // functions. Built twice: for this machine and for baseline x86-64 (no
 // AVX-512, no F16C), the portable path.
 #include "quant_support.hpp"
+#include "test_attention.hpp"
 
 using namespace kvcache;
 
@@ -37,7 +38,8 @@ struct user_int8 {
     const float s = amax / 127.f, inv = s > 0 ? 1.f / s : 0.f;
     std::memcpy(row + dim + 4 * b, &s, 4);
     for (std::size_t i = 0; i < 32; ++i)
-      row[b * 32 + i] = static_cast<std::byte>(static_cast<std::int8_t>(std::nearbyint(x[i] * inv)));
+      row[b * 32 + i] =
+          static_cast<std::byte>(static_cast<std::int8_t>(std::nearbyint(x[i] * inv)));
   }
   static void decode_block(const std::byte* row, std::size_t b, std::size_t dim, float* out) {
     for (std::size_t i = 0; i < 32; ++i)
@@ -70,7 +72,7 @@ void check_own(std::size_t qh, std::size_t kvh, std::size_t dim) {
   if (!detail::whole_blocks<P>(dim)) return;  // e.g. int8_kv<128> at head_dim 64
   const auto seed = kvtest::test_seed();
   INFO("seed " << seed << " " << P::name << " q_heads " << qh << " kv_heads " << kvh << " dim "
-                << dim);
+               << dim);
   kvtest::dequant_driver<C> d(qh, kvh, dim, 4096, seed);
   auto a = d.add(1200), b = d.add(600), c = d.add(600);
   constexpr double tol = 1e-4;
@@ -84,8 +86,8 @@ void check_own(std::size_t qh, std::size_t kvh, std::size_t dim) {
 }  // namespace
 
 TEMPLATE_TEST_CASE("quantized attention equals float64 attention over the stored rows",
-                   "[quant][attention]", int8_kv<>, int8_kv<128>, int4_kv<>, int4_kv<true>,
-                   int2_kv, fp8_e4m3_kv<>, hadamard<int4_kv<>>, hadamard<int2_kv>) {
+                   "[quant][attention]", int8_kv<>, int8_kv<128>, int4_kv<>, int4_kv<true>, int2_kv,
+                   fp8_e4m3_kv<>, hadamard<int4_kv<>>, hadamard<int2_kv>) {
   SECTION("static head_dim 128, group 4") { check_own<TestType, gqa<128>>(8, 2, 128); }
   SECTION("dynamic head_dim 64, group 1") { check_own<TestType, gqa<>>(3, 3, 64); }
   SECTION("dynamic head_dim 256, group 6") { check_own<TestType, gqa<>>(6, 1, 256); }
@@ -94,4 +96,12 @@ TEMPLATE_TEST_CASE("quantized attention equals float64 attention over the stored
 TEST_CASE("a user's block precision runs through its block functions", "[quant][attention]") {
   check_own<user_int8, gqa<>>(8, 2, 128);
   check_own<user_int8, gqa<>>(6, 2, 96);
+}
+
+TEMPLATE_TEST_CASE("quantized attention stays within each precision's stated tolerance",
+                   "[quant][attention]", int8_kv<>, int4_kv<>, int4_kv<true>, int2_kv,
+                   fp8_e4m3_kv<>, hadamard<int4_kv<>>) {
+  // Against the original K/V on unit-normal data: P::tolerance is the format's
+  // own error bound (precision headers), checked through the shared harness.
+  kvtest::check_attention<cache<gqa<128>, contiguous, full, TestType>>(8, 2, 128);
 }

@@ -67,10 +67,10 @@ TEMPLATE_TEST_CASE("NaN or Inf in K/V is rejected, naming sequence, layer and to
   // Row 3 of the step is b's second new token: position 4 of sequence b.
   v2[(3 * 2 + 1) * 64 + 7] = std::numeric_limits<float>::quiet_NaN();
   const std::string id_b = std::to_string(static_cast<std::uint64_t>(b));
-  CHECK_THROWS_WITH(kv.write(1, st2, make_view<const float>(k2.data(), 4, 2, 64),
-                             make_view<const float>(v2.data(), 4, 2, 64)),
-                    Contains("V of sequence " + id_b + ", layer 1, token 4") &&
-                        Contains("nothing was written"));
+  CHECK_THROWS_WITH(
+      kv.write(1, st2, make_view<const float>(k2.data(), 4, 2, 64),
+               make_view<const float>(v2.data(), 4, 2, 64)),
+      Contains("V of sequence " + id_b + ", layer 1, token 4") && Contains("nothing was written"));
   k2[(0 * 2 + 0) * 64 + 3] = std::numeric_limits<float>::infinity();
   CHECK_THROWS_WITH(kv.write(1, st2, make_view<const float>(k2.data(), 4, 2, 64),
                              make_view<const float>(v2.data(), 4, 2, 64)),

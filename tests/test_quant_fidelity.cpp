@@ -32,8 +32,12 @@ struct measured {
 
 template <class P>
 measured measure(const char* outliers, std::uint64_t seed0) {
-  measured m{std::string(P::name), outliers, 8.0 * P::row_bytes(kDim) / kDim,
-             block_precision<P> ? detail::decode_error_bound<P>() : 1e-4, {}, {}};
+  measured m{std::string(P::name),
+             outliers,
+             8.0 * P::row_bytes(kDim) / kDim,
+             block_precision<P> ? detail::decode_error_bound<P>() : 1e-4,
+             {},
+             {}};
   for (std::size_t i = 0; i < kSeeds; ++i) {
     const std::uint64_t seed = seed0 + i;
     kvtest::dequant_driver<cache<gqa<kDim>, contiguous, full, P>> d(kQHeads, kKVHeads, kDim,
@@ -73,15 +77,16 @@ TEST_CASE("fidelity on outlier keys: kernel bounds and format ratios", "[quant][
   rows.push_back(measure<int2_kv>("-", seed));
   rows.push_back(measure<hadamard<int2_kv>>("Hadamard", seed));
 
-  std::printf("\n| format | outlier handling | bits/element | error vs original (median) | (max) "
-              "| kernel error vs own rows (max) |\n| --- | --- | ---: | ---: | ---: | ---: |\n");
+  std::printf(
+      "\n| format | outlier handling | bits/element | error vs original (median) | (max) "
+      "| kernel error vs own rows (max) |\n| --- | --- | ---: | ---: | ---: | ---: |\n");
   for (const auto& m : rows)
     std::printf("| %s | %s | %.3g | %.4f | %.4f | %.1e |\n", m.name.c_str(), m.outliers.c_str(),
                 m.bits, m.median(m.orig), m.max(m.orig), m.max(m.own));
-  std::printf("(context %zu, %zu query heads, %zu KV heads, head_dim %zu, %zu seeds from %llu, "
-              "RMS over %zu decode steps per seed)\n",
-              kContext, kQHeads, kKVHeads, kDim, kSeeds, static_cast<unsigned long long>(seed),
-              kDecodes);
+  std::printf(
+      "(context %zu, %zu query heads, %zu KV heads, head_dim %zu, %zu seeds from %llu, "
+      "RMS over %zu decode steps per seed)\n",
+      kContext, kQHeads, kKVHeads, kDim, kSeeds, static_cast<unsigned long long>(seed), kDecodes);
 
   auto find = [&](const char* name) -> const measured& {
     for (const auto& m : rows)

@@ -88,9 +88,9 @@ concept precision_policy = requires(const float* src, float* dst, std::byte* out
 //!  B5. P::finite_only is a bool constant: when true the cache rejects NaN and
 //!      Inf in K/V with a kvcache::error before anything is stored.
 template <class P>
-concept block_precision = precision_policy<P> && requires(const float* x, float* out, float w,
-                                                          std::byte* row, const std::byte* in,
-                                                          std::size_t n) {
+concept block_precision = precision_policy<P> &&
+    requires(const float* x, float* out, float w, std::byte* row, const std::byte* in,
+             std::size_t n) {
   { P::group } -> std::convertible_to<std::size_t>;
   P::encode_block(x, row, n, n);
   P::decode_block(in, n, n, out);

@@ -182,8 +182,7 @@ struct block_format {
       s = fp16_round(max_f(-65504.f, min_f(65504.f, mx / -8.f)));
       const float inv = s != 0.f ? 1.f / s : 0.f;
       for (std::size_t i = 0; i < G; ++i)
-        q[i] = static_cast<std::uint8_t>(
-            max_f(0.f, min_f(15.f, std::nearbyint(x[i] * inv) + 8.f)));
+        q[i] = static_cast<std::uint8_t>(max_f(0.f, min_f(15.f, std::nearbyint(x[i] * inv) + 8.f)));
     } else {
       constexpr float top = static_cast<float>((1u << bits) - 1);
       float lo = x[0], hi = x[0];
@@ -192,8 +191,7 @@ struct block_format {
       s = fp16_round(min_f((hi - m) / top, 65504.f));
       const float inv = s > 0.f ? 1.f / s : 0.f;
       for (std::size_t i = 0; i < G; ++i)
-        q[i] = static_cast<std::uint8_t>(
-            max_f(0.f, min_f(top, std::nearbyint((x[i] - m) * inv))));
+        q[i] = static_cast<std::uint8_t>(max_f(0.f, min_f(top, std::nearbyint((x[i] - m) * inv))));
     }
     auto* c = reinterpret_cast<std::uint8_t*>(row) + b * G * bits / 8;
     if constexpr (bits == 8) {
@@ -201,12 +199,14 @@ struct block_format {
     } else if constexpr (bits == 4) {
       for (std::size_t sub = 0; sub < G / 32; ++sub)
         for (std::size_t j = 0; j < 16; ++j)
-          c[sub * 16 + j] = static_cast<std::uint8_t>(q[sub * 32 + j] | (q[sub * 32 + j + 16] << 4));
+          c[sub * 16 + j] =
+              static_cast<std::uint8_t>(q[sub * 32 + j] | (q[sub * 32 + j + 16] << 4));
     } else {
       for (std::size_t sub = 0; sub < G / 32; ++sub)
         for (std::size_t j = 0; j < 8; ++j) {
           const std::uint8_t* e = q + sub * 32 + j;
-          c[sub * 8 + j] = static_cast<std::uint8_t>(e[0] | (e[8] << 2) | (e[16] << 4) | (e[24] << 6));
+          c[sub * 8 + j] =
+              static_cast<std::uint8_t>(e[0] | (e[8] << 2) | (e[16] << 4) | (e[24] << 6));
         }
     }
     store16(row + scale_offset(dim) + 2 * b, s);
@@ -259,14 +259,17 @@ struct block_rows {
 
   static constexpr std::size_t row_bytes(std::size_t dim) noexcept { return F::row_bytes(dim); }
   static void check_dim(std::size_t dim) {
-    require(dim > 0 && dim % F::group == 0, "head_dim ", dim, " is not a multiple of the group size ",
-            F::group, "; quantized rows are made of whole blocks along head_dim");
+    require(dim > 0 && dim % F::group == 0, "head_dim ", dim,
+            " is not a multiple of the group size ", F::group,
+            "; quantized rows are made of whole blocks along head_dim");
   }
   static void encode(const float* src, std::byte* dst, std::size_t dim) noexcept {
-    for (std::size_t b = 0; b < dim / F::group; ++b) F::encode_block(src + b * F::group, dst, b, dim);
+    for (std::size_t b = 0; b < dim / F::group; ++b)
+      F::encode_block(src + b * F::group, dst, b, dim);
   }
   static void decode(const std::byte* src, float* dst, std::size_t dim) noexcept {
-    for (std::size_t b = 0; b < dim / F::group; ++b) F::decode_block(src, b, dim, dst + b * F::group);
+    for (std::size_t b = 0; b < dim / F::group; ++b)
+      F::decode_block(src, b, dim, dst + b * F::group);
   }
   KVCACHE_HOST_DEVICE static void encode_block(const float* x, std::byte* row, std::size_t b,
                                                std::size_t dim) noexcept {

@@ -19,7 +19,10 @@ template <std::size_t G = 32>
 struct fp8_e4m3_kv : detail::block_rows<detail::block_format<detail::block_kind::fp8_e4m3, G>> {
   static_assert(G == 32 || G == 64 || G == 128 || G == 256,
                 "fp8_e4m3_kv groups are 32, 64, 128 or 256 elements.");
-  static constexpr std::string_view name = G == 32 ? "fp8_e4m3" : G == 64 ? "fp8_e4m3_g64" : G == 128 ? "fp8_e4m3_g128" : "fp8_e4m3_g256";
+  static constexpr std::string_view name = G == 32    ? "fp8_e4m3"
+                                           : G == 64  ? "fp8_e4m3_g64"
+                                           : G == 128 ? "fp8_e4m3_g128"
+                                                      : "fp8_e4m3_g256";
   //! 3 mantissa bits: per element relative error <= 2^-4, a little above int8's
   //! on normal data.
   static constexpr double tolerance = 4e-2;

@@ -45,27 +45,29 @@ KVCACHE_HOST_DEVICE void hadamard_transform(float* x, std::size_t dim) noexcept 
   }
 }
 
-template <std::string_view const& A, std::string_view const& B>
-struct join_names {
+//! "hadamard_" followed by P's name, as a constant string.
+template <class P>
+struct hadamard_name {
+  static constexpr std::string_view prefix = "hadamard_";
   static constexpr auto chars = [] {
-    std::array<char, A.size() + B.size()> a{};
-    for (std::size_t i = 0; i < A.size(); ++i) a[i] = A[i];
-    for (std::size_t i = 0; i < B.size(); ++i) a[A.size() + i] = B[i];
+    std::array<char, prefix.size() + P::name.size()> a{};
+    for (std::size_t i = 0; i < prefix.size(); ++i) a[i] = prefix[i];
+    for (std::size_t i = 0; i < P::name.size(); ++i) a[prefix.size() + i] = P::name[i];
     return a;
   }();
   static constexpr std::string_view value{chars.data(), chars.size()};
 };
-inline constexpr std::string_view hadamard_prefix = "hadamard_";
 
 }  // namespace detail
 
 template <class P>
 struct hadamard : P {
-  static_assert(requires { typename P::format; },
-                "hadamard<P> wraps one of the block-quantized precisions (int8_kv, int4_kv, "
-                "int2_kv, fp8_e4m3_kv).");
+  static_assert(
+      requires { typename P::format; },
+      "hadamard<P> wraps one of the block-quantized precisions (int8_kv, int4_kv, "
+      "int2_kv, fp8_e4m3_kv).");
   static constexpr std::size_t max_dim = 1024;
-  static constexpr std::string_view name = detail::join_names<detail::hadamard_prefix, P::name>::value;
+  static constexpr std::string_view name = detail::hadamard_name<P>::value;
 
   static void check_dim(std::size_t dim) {
     P::check_dim(dim);

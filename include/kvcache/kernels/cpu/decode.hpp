@@ -179,8 +179,7 @@ void decode(thread_pool& pool, const decode_args& a, const tensor_view<float, 3>
     const std::size_t count = std::min(decode_streams, items.size() - first);
     float* scratch = a.scratch + worker * a.scratch_floats;
     if constexpr (block_precision<P>) {  // quantized rows, read in place
-      decode_quant_items<P, D>(L, a.layer, a.seqs, *a.plan, a.qs, a.partial, first, count,
-                               scratch);
+      decode_quant_items<P, D>(L, a.layer, a.seqs, *a.plan, a.qs, a.partial, first, count, scratch);
     } else if (g % 4 == 0) {
       decode_task<P, D, 4>(a, first, count, scratch);
     } else if (g % 2 == 0) {

@@ -45,7 +45,9 @@ concept rotating_precision = requires(float* x, std::size_t n) {
 };
 
 template <class P>
-concept formatted_precision = block_precision<P> && requires { typename P::format; };
+concept formatted_precision = block_precision<P> && requires {
+  typename P::format;
+};
 
 template <class P>
 struct format_of {
@@ -205,9 +207,8 @@ struct quant_stream {
 //! Floats of per-worker scratch decode_quant_task needs beyond decode.hpp's.
 inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim, nb = dim / 32;
-  const std::size_t integer = decode_streams * g * vnni::query_view::words(dim, 32) +
-                              dim / 4 * 16 + 2 * nb * 16 + 32 + decode_streams * g * nb * 16 +
-                              g * nb * 8 + 16;
+  const std::size_t integer = decode_streams * g * vnni::query_view::words(dim, 32) + dim / 4 * 16 +
+                              2 * nb * 16 + 32 + decode_streams * g * nb * 16 + g * nb * 8 + 16;
   return decode_streams * (2 * g + g * dim) + g * decode_tile + 64 + integer;
 }
 
@@ -359,9 +360,9 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
   const std::size_t stride = dim + 1;
   quant_stream st[decode_streams];
-  float* sc = scratch;                        // (g, decode_tile)
-  float* ml = sc + g * decode_tile;           // (streams, 2, g)
-  float* qt = ml + 2 * g * decode_streams;    // (streams, g, dim) transformed queries
+  float* sc = scratch;                          // (g, decode_tile)
+  float* ml = sc + g * decode_tile;             // (streams, 2, g)
+  float* qt = ml + 2 * g * decode_streams;      // (streams, g, dim) transformed queries
   float* corr = qt + decode_streams * g * dim;  // (g)
   // Integer scores (vnni.hpp): quantized queries, the transposed tile, and the
   // tile's scales and mins with tokens in lanes.
@@ -373,16 +374,15 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   [[maybe_unused]] std::uint32_t col_start[65];
   [[maybe_unused]] float *tile_scales = nullptr, *tile_mins = nullptr;
   [[maybe_unused]] void* tile_T = nullptr;
-  [[maybe_unused]] float* value_bias = nullptr;         // (streams, g, nb, 16)
-  [[maybe_unused]] std::int16_t* value_w = nullptr;     // (g, nb, 16)
+  [[maybe_unused]] float* value_bias = nullptr;      // (streams, g, nb, 16)
+  [[maybe_unused]] std::int16_t* value_w = nullptr;  // (g, nb, 16)
   constexpr bool integer_v = integer_values<P>();
   if constexpr (integer) {
     use_integer = vnni::supported_dim<F>(dim) && g <= 64 && dim <= 2048;
     if (use_integer) {
       const std::size_t words = vnni::query_view::words(dim, F::group), nb = dim / F::group;
       auto* qbase = reinterpret_cast<std::int32_t*>(corr + g);
-      for (std::size_t i = 0; i < decode_streams * g; ++i)
-        qv[i] = {qbase + i * words, dim / 4, nb};
+      for (std::size_t i = 0; i < decode_streams * g; ++i) qv[i] = {qbase + i * words, dim / 4, nb};
       auto addr = reinterpret_cast<std::uintptr_t>(qbase + decode_streams * g * words);
       addr = (addr + 63) & ~std::uintptr_t{63};
       tile_T = reinterpret_cast<void*>(addr);

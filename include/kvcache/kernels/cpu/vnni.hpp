@@ -46,6 +46,12 @@ constexpr bool supported_format() noexcept {
          F::kind == block_kind::int4_asym || F::kind == block_kind::int2_asym;
 }
 template <class F>
+constexpr bool values_supported() noexcept {
+  return F::kind == block_kind::int8_sym || F::kind == block_kind::int4_sym ||
+         F::kind == block_kind::int4_asym;
+}
+
+template <class F>
 constexpr bool supported_dim(std::size_t dim) noexcept {
   return F::bits == 8 ? dim % 64 == 0 : dim % 128 == 0;
 }
@@ -231,16 +237,17 @@ KVCACHE_ALWAYS_INLINE void tile_scores(std::size_t n, std::size_t dim, const que
     const __m512 s = _mm512_loadu_ps(scales + 16 * b);
     for (std::size_t h = 0; h < HB; ++h) {
       const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(ah[h], 8), al[h]);
-      score[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_mul_ps(s, _mm512_set1_ps(q[h].sq()[b])),
-                                 score[h]);
+      score[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a),
+                                 _mm512_mul_ps(s, _mm512_set1_ps(q[h].sq()[b])), score[h]);
       if constexpr (F::asymmetric)
-        score[h] = _mm512_fmadd_ps(_mm512_loadu_ps(mins + 16 * b),
-                                   _mm512_set1_ps(q[h].qsum()[b]), score[h]);
+        score[h] = _mm512_fmadd_ps(_mm512_loadu_ps(mins + 16 * b), _mm512_set1_ps(q[h].qsum()[b]),
+                                   score[h]);
     }
   }
   const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
   for (std::size_t h = 0; h < HB; ++h)
-    _mm512_storeu_ps(sc + h * sc_stride, _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), score[h]));
+    _mm512_storeu_ps(sc + h * sc_stride,
+                     _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), score[h]));
 }
 
 // ---- P.V: weights x values with vpdpwssd ----------------------------------
@@ -254,17 +261,11 @@ KVCACHE_ALWAYS_INLINE void tile_scores(std::size_t n, std::size_t dim, const que
 // Asymmetric formats' mins add sum_t p x min_b to every element of block b,
 // kept as a per-(head, block) vector over tokens and added at the end.
 
-template <class F>
-constexpr bool values_supported() noexcept {
-  return F::kind == block_kind::int8_sym || F::kind == block_kind::int4_sym ||
-         F::kind == block_kind::int4_asym;
-}
-
 //! Row indices of a tile (rows past n repeat row n - 1) times the row stride.
 KVCACHE_ALWAYS_INLINE __m512i tile_offsets(std::size_t n, std::size_t rb) noexcept {
-  const __m512i t = _mm512_min_epu32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int>(n - 1)));
+  const __m512i t =
+      _mm512_min_epu32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                       _mm512_set1_epi32(static_cast<int>(n - 1)));
   return _mm512_mullo_epi32(t, _mm512_set1_epi32(static_cast<int>(rb)));
 }
 
@@ -341,8 +342,9 @@ KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::
       for (std::size_t b = 0; b < nb; ++b) {
         float* acc = bias + (h * nb + b) * 16;
         const __m512 m = gather_half(V, offs, F::min_offset(dim) + 2 * b);
-        _mm512_storeu_ps(acc, _mm512_fmadd_ps(pv, m, _mm512_mul_ps(_mm512_loadu_ps(acc),
-                                                                 _mm512_set1_ps(corr[h]))));
+        _mm512_storeu_ps(
+            acc,
+            _mm512_fmadd_ps(pv, m, _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr[h]))));
       }
   }
   const auto* W32 = reinterpret_cast<const std::int32_t*>(W);
@@ -364,16 +366,16 @@ KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::
       for (std::size_t z = 0; z < 4; ++z) {
         const std::size_t blk = (64 * c + 16 * z) / G;
         for (std::size_t h = 0; h < HB; ++h)
-          acc[h][z] = _mm512_dpwssd_epi32(acc[h][z], v[z],
-                                          _mm512_set1_epi32(W32[(h * nb + blk) * 8 + i]));
+          acc[h][z] =
+              _mm512_dpwssd_epi32(acc[h][z], v[z], _mm512_set1_epi32(W32[(h * nb + blk) * 8 + i]));
       }
     }
     for (std::size_t h = 0; h < HB; ++h)
       for (std::size_t z = 0; z < 4; ++z) {
         float* dst = o + h * ostride + 64 * c + 16 * z;
         const __m512 prev = _mm512_mul_ps(_mm512_loadu_ps(dst), _mm512_set1_ps(corr[h]));
-        _mm512_storeu_ps(dst, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h][z]),
-                                              _mm512_set1_ps(wscale[h]), prev));
+        _mm512_storeu_ps(
+            dst, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[h][z]), _mm512_set1_ps(wscale[h]), prev));
       }
   }
 }

@@ -7,8 +7,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "../../error.hpp"
 #include "../../detail/thread_pool.hpp"
+#include "../../error.hpp"
 #include "../../tensor.hpp"
 #include "../view.hpp"
 
@@ -39,10 +39,9 @@ inline void check_finite(const kv_layout& L, std::size_t layer, const std::vecto
         for (std::size_t kind = 0; kind < 2; ++kind) {
           const float* x = kind == 0 ? &k(s.q_begin + t, h, 0) : &v(s.q_begin + t, h, 0);
           for (std::size_t d = 0; d < L.head_dim; ++d)
-            require(std::isfinite(x[d]), kind == 0 ? "K" : "V", " of sequence ", ids[i],
-                    ", layer ", layer, ", token ", s.first_pos + t, " (kv_head ", h, ", element ",
-                    d, ") is ", x[d],
-                    "; quantized precisions store only finite values, nothing was written");
+            require(std::isfinite(x[d]), kind == 0 ? "K" : "V", " of sequence ", ids[i], ", layer ",
+                    layer, ", token ", s.first_pos + t, " (kv_head ", h, ", element ", d, ") is ",
+                    x[d], "; quantized precisions store only finite values, nothing was written");
         }
   }
 }
