@@ -138,6 +138,22 @@ KVCACHE_ALWAYS_INLINE vu widen_unsigned(const std::uint8_t* p) noexcept {
 }
 KVCACHE_ALWAYS_INLINE vf to_float(vi x) noexcept { return __builtin_convertvector(x, vf); }
 
+//! Horizontal sum and maximum as shuffle trees (4 steps, not 15 scalar ones).
+KVCACHE_ALWAYS_INLINE float tree_add(vf v) noexcept {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+KVCACHE_ALWAYS_INLINE float tree_max(vf v) noexcept {
+  v = max(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = max(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = max(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = max(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
 }  // namespace simd
 
 //! Elements [16 c, 16 c + 16) of a row of format F, decoded to floats. The
@@ -248,16 +264,31 @@ KVCACHE_ALWAYS_INLINE void quant_scores(const quant_stream& s, const std::byte* 
 KVCACHE_ALWAYS_INLINE void quant_softmax(quant_stream& s, std::size_t g, float* sc,
                                          float* corr) noexcept {
   using namespace simd;
-  for (std::size_t h = 0; h < g; ++h) {
-    float* srow = sc + h * decode_tile;
-    const vf sv = load(srow);
-    const float mo = s.m[h];
-    const float mn = std::max(mo, reduce_max(sv));
-    const vf p = exp_neg(sv - mn);
-    corr[h] = std::exp(mo - mn);  // 0 on the first tile (mo = -inf)
-    s.l[h] = s.l[h] * corr[h] + reduce_add(p);
-    s.m[h] = mn;
-    store(srow, p);
+  // Sixteen heads at a time: the maxima, the rescaling factors and the sums
+  // are vectors over heads, so a tile costs a few tree reductions and one
+  // vector exp per head, not scalar chains and libm calls.
+  for (std::size_t h0 = 0; h0 < g; h0 += lanes) {
+    const std::size_t nh = std::min<std::size_t>(lanes, g - h0);
+    vf mo = splat(-INFINITY), mx = splat(-INFINITY);
+    for (std::size_t h = 0; h < nh; ++h) {
+      mo[h] = s.m[h0 + h];
+      mx[h] = tree_max(load(sc + (h0 + h) * decode_tile));
+    }
+    const vf mn = max(mo, mx);
+    // e^(mo - mn): 0 on the first tile (mo = -inf), which exp_neg maps to 0.
+    const vf c = exp_neg(select(mo == splat(-INFINITY), splat(-INFINITY), mo - mn));
+    vf sums{};
+    for (std::size_t h = 0; h < nh; ++h) {
+      float* srow = sc + (h0 + h) * decode_tile;
+      const vf p = exp_neg(load(srow) - mn[h]);
+      sums[h] = tree_add(p);
+      store(srow, p);
+    }
+    for (std::size_t h = 0; h < nh; ++h) {
+      corr[h0 + h] = c[h];
+      s.l[h0 + h] = s.l[h0 + h] * c[h] + sums[h];
+      s.m[h0 + h] = mn[h];
+    }
   }
 }
 
@@ -370,6 +401,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   using F = typename format_of<P>::type;
   [[maybe_unused]] bool use_integer = false;
   [[maybe_unused]] vnni::query_view qv[decode_streams * 64];  // (streams, g) for g <= 64
+  [[maybe_unused]] std::size_t qs_group[decode_streams];
   [[maybe_unused]] std::uint16_t col_of[512];
   [[maybe_unused]] std::uint32_t col_start[65];
   [[maybe_unused]] float *tile_scales = nullptr, *tile_mins = nullptr;
@@ -408,10 +440,17 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       }
       st[i].q = q;
     }
+    // Adjacent items of one (sequence, KV head) share their quantized queries.
     if constexpr (integer)
-      if (use_integer)
-        for (std::size_t h = 0; h < g; ++h)
-          vnni::quantize_query<F>(st[i].q + h * dim, dim, qv[i * g + h]);
+      if (use_integer) {
+        if (i > 0 && qs_group[i - 1] == grp) {
+          for (std::size_t h = 0; h < g; ++h) qv[i * g + h] = qv[(i - 1) * g + h];
+        } else {
+          for (std::size_t h = 0; h < g; ++h)
+            vnni::quantize_query<F>(st[i].q + h * dim, dim, qv[i * g + h]);
+        }
+        qs_group[i] = grp;
+      }
     if constexpr (integer_v)
       if (use_integer)
         for (std::size_t k = 0; k < g * (dim / F::group) * 16; ++k)
