@@ -210,6 +210,11 @@ constexpr double decode_error_bound() noexcept {
   return integer_scores<P>() ? 5e-4 : 1e-4;
 }
 
+//! Token slots of a tile's score rows: the integer path takes tiles of 32
+//! tokens (two transposed 16-token halves), halving the per-tile softmax,
+//! weight rounding and epilogue work; the float paths take decode_tile (16).
+inline constexpr std::size_t quant_tile = 32;
+
 //! Running softmax state of one item.
 struct quant_stream {
   const decode_item* item = nullptr;
@@ -224,11 +229,11 @@ struct quant_stream {
 inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim, nb = dim / 32;
   const std::size_t integer = decode_streams * g * vnni::query_view::words(dim, 32) + dim / 4 * 16 +
-                              2 * nb * 16 + 32 + decode_streams * g * nb * 16 + g * nb * 8 + 16;
-  return decode_streams * (2 * g + g * dim) + g * decode_tile + 64 + integer;
+                              2 * nb * 16 + 32 + decode_streams * g * nb * 16 + g * nb * 16 + 16;
+  return decode_streams * (2 * g + g * dim) + g * quant_tile + 64 + integer;
 }
 
-//! Scores of up to 16 tokens x g heads into sc (g, decode_tile), by formats'
+//! Scores of up to 16 tokens x g heads into sc (g, quant_tile), by formats'
 //! vectorised readers, HB heads at a time.
 template <class P, std::size_t D, std::size_t HB>
 KVCACHE_ALWAYS_INLINE void quant_scores(const quant_stream& s, const std::byte* K, std::size_t rb,
@@ -254,35 +259,44 @@ KVCACHE_ALWAYS_INLINE void quant_scores(const quant_stream& s, const std::byte* 
       const vf sums = reduce16(acc);
       for (std::size_t h = 0; h < HB; ++h)
         for (std::size_t t = 0; t < TOK; ++t)
-          sc[(hb + h) * decode_tile + j0 + t] = j0 + t < n ? sums[h * TOK + t] : -INFINITY;
+          sc[(hb + h) * quant_tile + j0 + t] = j0 + t < n ? sums[h * TOK + t] : -INFINITY;
     }
   }
 }
 
 //! Online softmax over one tile's scores: sc becomes the weights, corr the
 //! rescaling of each head's running output.
-KVCACHE_ALWAYS_INLINE void quant_softmax(quant_stream& s, std::size_t g, float* sc,
-                                         float* corr) noexcept {
+KVCACHE_ALWAYS_INLINE void quant_softmax(quant_stream& s, std::size_t g, float* sc, float* corr,
+                                         std::size_t tile) noexcept {
   using namespace simd;
   // Sixteen heads at a time: the maxima, the rescaling factors and the sums
   // are vectors over heads, so a tile costs a few tree reductions and one
-  // vector exp per head, not scalar chains and libm calls.
+  // vector exp per head, not scalar chains and libm calls. Rows are
+  // quant_tile apart; the first `tile` (16 or 32) slots are scores.
   for (std::size_t h0 = 0; h0 < g; h0 += lanes) {
     const std::size_t nh = std::min<std::size_t>(lanes, g - h0);
     vf mo = splat(-INFINITY), mx = splat(-INFINITY);
     for (std::size_t h = 0; h < nh; ++h) {
+      const float* srow = sc + (h0 + h) * quant_tile;
+      vf m = load(srow);
+      if (tile > lanes) m = max(m, load(srow + lanes));
       mo[h] = s.m[h0 + h];
-      mx[h] = tree_max(load(sc + (h0 + h) * decode_tile));
+      mx[h] = tree_max(m);
     }
     const vf mn = max(mo, mx);
     // e^(mo - mn): 0 on the first tile (mo = -inf), which exp_neg maps to 0.
     const vf c = exp_neg(select(mo == splat(-INFINITY), splat(-INFINITY), mo - mn));
     vf sums{};
     for (std::size_t h = 0; h < nh; ++h) {
-      float* srow = sc + (h0 + h) * decode_tile;
-      const vf p = exp_neg(load(srow) - mn[h]);
-      sums[h] = tree_add(p);
+      float* srow = sc + (h0 + h) * quant_tile;
+      vf p = exp_neg(load(srow) - mn[h]);
       store(srow, p);
+      if (tile > lanes) {
+        const vf p2 = exp_neg(load(srow + lanes) - mn[h]);
+        store(srow + lanes, p2);
+        p += p2;
+      }
+      sums[h] = tree_add(p);
     }
     for (std::size_t h = 0; h < nh; ++h) {
       corr[h0 + h] = c[h];
@@ -292,7 +306,7 @@ KVCACHE_ALWAYS_INLINE void quant_softmax(quant_stream& s, std::size_t g, float* 
   }
 }
 
-//! o = o x corr + weights x V over up to 16 tokens, HB heads at a time.
+//! o = o x corr + weights x V over a tile of n tokens, HB heads at a time.
 template <class P, std::size_t D, std::size_t HB>
 KVCACHE_ALWAYS_INLINE void quant_accumulate(quant_stream& s, const std::byte* V, std::size_t rb,
                                             std::size_t n, std::size_t g, std::size_t dim_rt,
@@ -306,7 +320,7 @@ KVCACHE_ALWAYS_INLINE void quant_accumulate(quant_stream& s, const std::byte* V,
         ov[h] = load(s.o + (hb + h) * stride + c * lanes) * corr[hb + h];
       for (std::size_t j = 0; j < n; ++j) {
         const vf vv = read_row16<P>(V + j * rb, c, dim);
-        for (std::size_t h = 0; h < HB; ++h) ov[h] += sc[(hb + h) * decode_tile + j] * vv;
+        for (std::size_t h = 0; h < HB; ++h) ov[h] += sc[(hb + h) * quant_tile + j] * vv;
       }
       for (std::size_t h = 0; h < HB; ++h) store(s.o + (hb + h) * stride + c * lanes, ov[h]);
     }
@@ -326,21 +340,21 @@ void quant_tile_blocks(quant_stream& s, const std::byte* K, const std::byte* V, 
         for (std::size_t b = 0; b < nb; ++b)
           acc += P::dot_block(s.q + h * dim + b * G, K + j * rb, b, dim);
       }
-      sc[h * decode_tile + j] = acc;
+      sc[h * quant_tile + j] = acc;
     }
-  quant_softmax(s, g, sc, corr);
+  quant_softmax(s, g, sc, corr, decode_tile);
   for (std::size_t h = 0; h < g; ++h) {
     float* o = s.o + h * stride;
     for (std::size_t d = 0; d < dim; ++d) o[d] *= corr[h];
     for (std::size_t j = 0; j < n; ++j)
       for (std::size_t b = 0; b < nb; ++b)
-        P::accumulate_block(sc[h * decode_tile + j], V + j * rb, b, dim, o + b * G);
+        P::accumulate_block(sc[h * quant_tile + j], V + j * rb, b, dim, o + b * G);
   }
 }
 
-//! Scores of one tile for all g heads by integer dot products (vnni.hpp).
+//! Scores of 16 rows (n valid) for all g heads into sc (g, quant_tile).
 template <class F, std::size_t HB>
-KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t rb, std::size_t n,
+KVCACHE_ALWAYS_INLINE void integer_half_scores(const std::byte* K, std::size_t rb, std::size_t n,
                                                std::size_t g, std::size_t dim,
                                                const vnni::query_view* q, void* T,
                                                const std::uint16_t* col_of,
@@ -357,7 +371,31 @@ KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t r
   }
   for (std::size_t hb = 0; hb < g; hb += HB)
     vnni::tile_scores<F, HB>(n, dim, q + hb, static_cast<const __m512i*>(T), col_of, col_start,
-                             scales, mins, sc + hb * decode_tile, decode_tile);
+                             scales, mins, sc + hb * quant_tile, quant_tile);
+#else
+  (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
+  (void)col_start, (void)scales, (void)mins, (void)sc;
+#endif
+}
+
+//! Scores of one tile for all g heads by integer dot products (vnni.hpp).
+template <class F, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t rb, std::size_t n,
+                                               std::size_t g, std::size_t dim,
+                                               const vnni::query_view* q, void* T,
+                                               const std::uint16_t* col_of,
+                                               const std::uint32_t* col_start, float* scales,
+                                               float* mins, float* sc) noexcept {
+#if KVCACHE_HAS_VNNI
+  for (std::size_t half = 0; half * 16 < quant_tile; ++half) {
+    if (half * 16 >= n) {  // an empty second half: no scores
+      for (std::size_t h = 0; h < g; ++h)
+        for (std::size_t t = 0; t < 16; ++t) sc[h * quant_tile + half * 16 + t] = -INFINITY;
+      continue;
+    }
+    integer_half_scores<F, HB>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g,
+                               dim, q, T, col_of, col_start, scales, mins, sc + half * 16);
+  }
 #else
   (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
   (void)col_start, (void)scales, (void)mins, (void)sc;
@@ -373,7 +411,7 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 #if KVCACHE_HAS_VNNI
   const std::size_t nb = dim / F::group;
   for (std::size_t hb = 0; hb < g; hb += HB)
-    vnni::tile_values<F, HB>(V, rb, n, dim, sc + hb * decode_tile, decode_tile, corr + hb,
+    vnni::tile_values<F, HB>(V, rb, n, dim, sc + hb * quant_tile, quant_tile, corr + hb,
                              o + hb * stride, stride, W, bias + hb * nb * 16);
 #else
   (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
@@ -391,8 +429,8 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
   const std::size_t stride = dim + 1;
   quant_stream st[decode_streams];
-  float* sc = scratch;                          // (g, decode_tile)
-  float* ml = sc + g * decode_tile;             // (streams, 2, g)
+  float* sc = scratch;                          // (g, quant_tile)
+  float* ml = sc + g * quant_tile;              // (streams, 2, g)
   float* qt = ml + 2 * g * decode_streams;      // (streams, g, dim) transformed queries
   float* corr = qt + decode_streams * g * dim;  // (g)
   // Integer scores (vnni.hpp): quantized queries, the transposed tile, and the
@@ -473,7 +511,10 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       if (s.t >= it.end) continue;
       const seq_view& sv = seqs[it.seq];
       const std::size_t in_page = sv.page_tokens - s.t % sv.page_tokens;
-      const std::size_t n = std::min({decode_tile, it.end - s.t, in_page});
+      std::size_t tile = decode_tile;
+      if constexpr (integer)
+        if (use_integer) tile = quant_tile;
+      const std::size_t n = std::min({tile, it.end - s.t, in_page});
       const std::byte* K = sv.row(L.run_offset(sv.page_tokens, layer, 0, it.head), s.t, rb);
       const std::byte* V = sv.row(L.run_offset(sv.page_tokens, layer, 1, it.head), s.t, rb);
       // The next tile of this stream, requested now: by the time the other
@@ -481,9 +522,9 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // faster than the prefetchers ramp up on 8 streams, and the first
       // touch would otherwise be a gather of scales that stalls on DRAM.
       // (A prefetch past the page or the item is harmless: it never faults.)
-      for (std::size_t off = 0; off < decode_tile * rb; off += 64) {
-        __builtin_prefetch(K + decode_tile * rb + off);
-        __builtin_prefetch(V + decode_tile * rb + off);
+      for (std::size_t off = 0; off < tile * rb; off += 64) {
+        __builtin_prefetch(K + tile * rb + off);
+        __builtin_prefetch(V + tile * rb + off);
       }
       if constexpr (integer) {
         if (use_integer)
@@ -491,7 +532,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
                                      tile_scales, tile_mins, sc);
         else
           quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
-        quant_softmax(s, g, sc, corr);
+        quant_softmax(s, g, sc, corr, tile);
         if constexpr (integer_v) {
           if (use_integer) {
             integer_tile_values<F, HB>(V, rb, n, g, dim, sc, corr, s.o, stride, value_w,
@@ -504,7 +545,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         }
       } else if constexpr (formatted_precision<P>) {
         quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
-        quant_softmax(s, g, sc, corr);
+        quant_softmax(s, g, sc, corr, decode_tile);
         quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
       } else {
         quant_tile_blocks<P>(s, K, V, rb, n, g, dim, sc, corr);

@@ -309,10 +309,10 @@ KVCACHE_ALWAYS_INLINE void value_pairs(const std::uint8_t* a, const std::uint8_t
   }
 }
 
-//! o = o x corr + p V over a tile of n <= 16 rows of V (stride rb), for HB
-//! heads. p: (HB, 16) weights (0 past n), o: (HB, ostride) outputs.
-//! W: (HB, nb, 16) int16 scratch. bias: (HB, nb, 16) running min terms
-//! (asymmetric formats only).
+//! o = o x corr + p V over a tile of n <= 32 rows of V (stride rb), for HB
+//! heads. p: (HB, pstride) weights, 32 per head (0 past n), o: (HB, ostride)
+//! outputs. W: (HB, nb, 32) int16 scratch. bias: (HB, nb, 16) running min
+//! terms (asymmetric formats only).
 template <class F, std::size_t HB>
 KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::size_t n,
                                        std::size_t dim, const float* p, std::size_t pstride,
@@ -320,31 +320,44 @@ KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::
                                        std::int16_t* W, float* bias) noexcept {
   constexpr std::size_t G = F::group;
   const std::size_t nb = dim / G;
-  const __m512i offs = tile_offsets(n, rb);
+  const bool two = n > 16;  // rows 16.. exist: never gather past row n - 1
+  const __m512i offs0 = tile_offsets(std::min<std::size_t>(n, 16), rb);
+  const __m512i offs1 = tile_offsets(two ? n - 16 : 1, rb);
+  const std::byte* V1 = V + 16 * rb;
   float wscale[HB];
-  __m512 sv[64];  // nb <= 64
-  for (std::size_t b = 0; b < nb; ++b) sv[b] = gather_half(V, offs, F::scale_offset(dim) + 2 * b);
+  __m512 sv0[64], sv1[64];  // nb <= 64
+  for (std::size_t b = 0; b < nb; ++b) {
+    sv0[b] = gather_half(V, offs0, F::scale_offset(dim) + 2 * b);
+    sv1[b] = two ? gather_half(V1, offs1, F::scale_offset(dim) + 2 * b) : _mm512_setzero_ps();
+  }
   for (std::size_t h = 0; h < HB; ++h) {
-    const __m512 pv = _mm512_loadu_ps(p + h * pstride);
-    __m512 mx = _mm512_setzero_ps();
+    const __m512 p0 = _mm512_loadu_ps(p + h * pstride);
+    const __m512 p1 = two ? _mm512_loadu_ps(p + h * pstride + 16) : _mm512_setzero_ps();
     // |products|: q4_0-style scales are negative when a block's extreme is positive.
-    for (std::size_t b = 0; b < nb; ++b)
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(pv, sv[b])));
+    __m512 mx = _mm512_setzero_ps();
+    for (std::size_t b = 0; b < nb; ++b) {
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(p0, sv0[b])));
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(p1, sv1[b])));
+    }
     const float wmax = _mm512_reduce_max_ps(mx);
     wscale[h] = wmax / 32767.f;
     const __m512 inv = _mm512_set1_ps(wmax > 0.f ? 32767.f / wmax : 0.f);
     for (std::size_t b = 0; b < nb; ++b) {
-      const __m512i w = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(pv, sv[b]), inv));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(W + (h * nb + b) * 16),
-                          _mm512_cvtepi32_epi16(w));
+      std::int16_t* w = W + (h * nb + b) * 32;
+      _mm256_storeu_si256(
+          reinterpret_cast<__m256i*>(w),
+          _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(p0, sv0[b]), inv))));
+      _mm256_storeu_si256(
+          reinterpret_cast<__m256i*>(w + 16),
+          _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(p1, sv1[b]), inv))));
     }
     if constexpr (F::asymmetric)
       for (std::size_t b = 0; b < nb; ++b) {
         float* acc = bias + (h * nb + b) * 16;
-        const __m512 m = gather_half(V, offs, F::min_offset(dim) + 2 * b);
-        _mm512_storeu_ps(
-            acc,
-            _mm512_fmadd_ps(pv, m, _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr[h]))));
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr[h]));
+        a = _mm512_fmadd_ps(p0, gather_half(V, offs0, F::min_offset(dim) + 2 * b), a);
+        if (two) a = _mm512_fmadd_ps(p1, gather_half(V1, offs1, F::min_offset(dim) + 2 * b), a);
+        _mm512_storeu_ps(acc, a);
       }
   }
   const auto* W32 = reinterpret_cast<const std::int32_t*>(W);
@@ -367,7 +380,7 @@ KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::
         const std::size_t blk = (64 * c + 16 * z) / G;
         for (std::size_t h = 0; h < HB; ++h)
           acc[h][z] =
-              _mm512_dpwssd_epi32(acc[h][z], v[z], _mm512_set1_epi32(W32[(h * nb + blk) * 8 + i]));
+              _mm512_dpwssd_epi32(acc[h][z], v[z], _mm512_set1_epi32(W32[(h * nb + blk) * 16 + i]));
       }
     }
     for (std::size_t h = 0; h < HB; ++h)
