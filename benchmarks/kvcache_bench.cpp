@@ -722,6 +722,21 @@ void register_prefill() {
   }
 }
 
+// ---- quantized precisions (issue 5) -------------------------------------------
+// Decode at every context and batch, and prefill, for each block-quantized
+// precision; names as the float ones, e.g. decode/int8/contiguous/full/32768/1.
+// kv_bytes_per_second counts the bytes the quantized rows occupy (codes and
+// fp16 metadata), so read_bw_fraction compares like with like; the speed-up
+// over fp16 is the ratio of the medians (docs/performance.md).
+
+template <class... P>
+void register_quantized() {
+  (register_decode<cache<gqa<kHeadDim>, contiguous, full, P>>("contiguous"), ...);
+  (register_prefill<P>(), ...);
+}
+
+// ---- all --------------------------------------------------------------------
+
 void register_all() {
   // The ceilings first: the fractions of everything after divide by them.
   benchmark::RegisterBenchmark("read_bandwidth", read_bandwidth)
@@ -740,6 +755,8 @@ void register_all() {
   register_prefill<fp16>();
   register_prefill<bf16>();
   register_paged();
+  register_quantized<int8_kv<>, int4_kv<>, int4_kv<true>, int2_kv, fp8_e4m3_kv<>,
+                     hadamard<int4_kv<>>>();
 }
 
 // ---- summary ----------------------------------------------------------------

@@ -2,7 +2,7 @@
 // cache type it prints bytes per token, KV memory at 4k / 32k / 128k context
 // (from the formula and from a live cache), the attention time per decoded
 // token across all layers, and the attention error against an fp32 cache fed
-// the same inputs.
+// the same inputs; floating-point and quantized precisions side by side.
 //
 //   demo [--model NAME|all] [--context N] [--tokens N] [--threads N] [--quick]
 #include <fmt/core.h>
@@ -148,11 +148,13 @@ void print(const preset& m, const options& o, const std::vector<row>& rows) {
              m.q_heads, m.kv_heads, m.head_dim, m.note);
   fmt::print("decode: batch 1 at {} tokens of context, median of {} tokens, {} threads\n",
              o.context, o.tokens, o.threads);
-  fmt::print("{:<28} {:>9} {:>19} {:>19} {:>19} {:>10} {:>10}\n", "cache", "B/token",
-             "4k MiB form/meas", "32k MiB form/meas", "128k MiB form/meas", "ms/token",
+  fmt::print("{:<34} {:>9} {:>9} {:>19} {:>19} {:>19} {:>10} {:>10}\n", "cache", "bits/elem",
+             "B/token", "4k MiB form/meas", "32k MiB form/meas", "128k MiB form/meas", "ms/token",
              "err vs fp32");
   for (const row& r : rows) {
-    fmt::print("{:<28} {:>9} {:>19} {:>19} {:>19} {:>10.2f} {:>10.2e}\n", r.cache,
+    const double bits =
+        8.0 * double(r.bytes_per_token) / double(2 * m.layers * m.kv_heads * m.head_dim);
+    fmt::print("{:<34} {:>9.3g} {:>9} {:>19} {:>19} {:>19} {:>10.2f} {:>10.2e}\n", r.cache, bits,
                r.bytes_per_token, mib(r.formula[0]) + " / " + mib(r.measured[0]),
                mib(r.formula[1]) + " / " + mib(r.measured[1]),
                mib(r.formula[2]) + " / " + mib(r.measured[2]), r.ms_per_token, r.error);
@@ -214,6 +216,12 @@ int main(int argc, char** argv) try {
     rows.push_back(run<fp32>(m, o, in, reference));
     rows.push_back(run<fp16>(m, o, in, reference));
     rows.push_back(run<bf16>(m, o, in, reference));
+    // Quantized: bits per element, memory, speed and error beside the floats.
+    rows.push_back(run<int8_kv<>>(m, o, in, reference));
+    rows.push_back(run<fp8_e4m3_kv<>>(m, o, in, reference));
+    rows.push_back(run<int4_kv<>>(m, o, in, reference));
+    rows.push_back(run<hadamard<int4_kv<>>>(m, o, in, reference));
+    rows.push_back(run<int2_kv>(m, o, in, reference));
     print(m, o, rows);
   }
   if (!any) throw kvcache::error("unknown model '" + o.model + "'; see --help");

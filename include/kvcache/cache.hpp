@@ -35,6 +35,7 @@
 #include "kernels/cpu/write.hpp"
 #include "kernels/plan.hpp"
 #include "kernels/view.hpp"
+#include "precision/block.hpp"
 #include "tensor.hpp"
 
 namespace kvcache {
@@ -118,6 +119,9 @@ class cache {
   static_assert(G::head_dim == dynamic || (G::head_dim > 0 && G::head_dim % 16 == 0),
                 "A static head_dim must be a positive multiple of 16: the kernels read rows "
                 "in 16-lane vectors.");
+  static_assert(G::head_dim == dynamic || detail::whole_blocks<P>(G::head_dim),
+                "The static head_dim is not a multiple of the precision's group size: "
+                "quantized rows are made of whole blocks along head_dim.");
   static_assert(std::is_same_v<B, cpu>,
                 "Only the cpu backend has kernels so far; the cuda backend comes with the "
                 "CUDA kernels.");
@@ -344,6 +348,11 @@ class cache {
     check_step(layer, st);
     detail::check_view(k, "k", {st.tokens_, layout_.kv_heads, layout_.head_dim});
     detail::check_view(v, "v", {st.tokens_, layout_.kv_heads, layout_.head_dim});
+    if constexpr (detail::rejects_non_finite<P>()) {
+      std::vector<std::uint64_t> ids;
+      for (const append& a : st.appends_) ids.push_back(static_cast<std::uint64_t>(a.seq));
+      detail::check_finite(layout_, layer, st.seqs_, ids.data(), k, v);
+    }
     detail::write_rows<P>(ctx_.pool, layout_, layer, st.seqs_, k, v);
   }
 

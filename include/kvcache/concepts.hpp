@@ -54,7 +54,7 @@ concept grouping_policy = requires(std::size_t n) {
 //!     float64 reference on unit-normal data, that the tests hold it to.
 //! Optional: P::element names float, half or bfloat16 when a row is a plain
 //! array of that type; the kernels then read it with vector loads instead of
-//! calling decode.
+//! calling decode. Optional too: the block hooks of block_precision below.
 template <class P>
 concept precision_policy = requires(const float* src, float* dst, std::byte* out,
                                     const std::byte* in, std::size_t n) {
@@ -65,6 +65,41 @@ concept precision_policy = requires(const float* src, float* dst, std::byte* out
   P::encode(src, out, n);
   P::decode(in, dst, n);
   { P::tolerance } -> std::convertible_to<double>;
+};
+
+//! block_precision<P>: optional hooks of a precision_policy that let the
+//! kernels read its rows in place, block by block, instead of decoding each
+//! row into float scratch (kernels/cpu/decode_quant.hpp). A precision with
+//! only encode/decode stays a valid precision_policy and uses the decoding
+//! path.
+//!  B1. P::group is a std::size_t: a row is head_dim / group blocks of group
+//!      consecutive elements (check_dim rejects other head_dims).
+//!  B2. Block functions, KVCACHE_HOST_DEVICE so CPU and CUDA kernels share
+//!      them, on block b of a row of `dim` elements:
+//!        P::encode_block(const float* x, std::byte* row, b, dim)
+//!        P::decode_block(const std::byte* row, b, dim, float* out)
+//!        P::dot_block(const float* q, const std::byte* row, b, dim) -> float
+//!                                   sum of q[i] x element i of the block
+//!        P::accumulate_block(float w, const std::byte* row, b, dim, float* out)
+//!                                   out[i] += w x element i of the block
+//!      q and out point at the block's own `group` elements.
+//! Optional on top:
+//!  B3. P::format names a detail::block_format; the CPU kernels then use their
+//!      vectorised readers of that format instead of the block functions.
+//!  B4. P::transform_query(float* q, dim) and P::transform_output(float* o, dim):
+//!      an orthogonal change of basis the block functions work in (a rotation):
+//!      queries are transformed before dot_block, outputs after accumulate_block.
+//!  B5. P::finite_only is a bool constant: when true the cache rejects NaN and
+//!      Inf in K/V with a kvcache::error before anything is stored.
+template <class P>
+concept block_precision = precision_policy<P> &&
+    requires(const float* x, float* out, float w, std::byte* row, const std::byte* in,
+             std::size_t n) {
+  { P::group } -> std::convertible_to<std::size_t>;
+  P::encode_block(x, row, n, n);
+  P::decode_block(in, n, n, out);
+  { P::dot_block(x, in, n, n) } -> std::convertible_to<float>;
+  P::accumulate_block(w, in, n, n, out);
 };
 
 //! eviction_policy<E>: which tokens stay in the cache.

@@ -11,6 +11,7 @@
 #include "half.hpp"
 #include "memory.hpp"
 #include "precision/floating.hpp"
+#include "precision/quantized.hpp"
 #include "storage/contiguous.hpp"
 #include "storage/paged.hpp"
 #include "tensor.hpp"

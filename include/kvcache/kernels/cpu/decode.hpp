@@ -19,6 +19,7 @@
 #include "../merge.hpp"
 #include "../plan.hpp"
 #include "../view.hpp"
+#include "decode_quant.hpp"
 #include "rows.hpp"
 
 namespace kvcache {
@@ -49,7 +50,8 @@ struct decode_stream {
 //! Floats of per-worker scratch the decode kernel needs.
 inline std::size_t decode_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group();
-  return decode_streams * (2 * g + g * decode_tile + 2 * decode_tile * L.head_dim) + 64;
+  return std::max(decode_streams * (2 * g + g * decode_tile + 2 * decode_tile * L.head_dim) + 64,
+                  decode_quant_scratch_floats(L));
 }
 
 //! Lines of the next tile of a stream, prefetched while this tile computes.
@@ -298,12 +300,15 @@ void decode(thread_pool& pool, const decode_args& a, const tensor_view<float, 3>
     const std::size_t first = task * decode_streams;
     const std::size_t count = std::min(decode_streams, items.size() - first);
     float* scratch = a.scratch + worker * a.scratch_floats;
-    if (g % 4 == 0)
+    if constexpr (block_precision<P>) {  // quantized rows, read in place
+      decode_quant_items<P, D>(L, a.layer, a.seqs, *a.plan, a.qs, a.partial, first, count, scratch);
+    } else if (g % 4 == 0) {
       decode_task<P, D, 4>(a, first, count, scratch);
-    else if (g % 2 == 0)
+    } else if (g % 2 == 0) {
       decode_task<P, D, 2>(a, first, count, scratch);
-    else
+    } else {
       decode_task<P, D, 1>(a, first, count, scratch);
+    }
   });
   const auto& groups = a.plan->decode_groups;
   pool.run(groups.size() - 1, [&](std::size_t grp, std::size_t) {

@@ -2,16 +2,49 @@
 // precision's format once (history is never re-encoded).
 #pragma once
 
+#include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "../../detail/thread_pool.hpp"
+#include "../../error.hpp"
 #include "../../tensor.hpp"
 #include "../view.hpp"
 
 namespace kvcache {
 inline namespace v0 {
 namespace detail {
+
+//! Precisions that cannot store NaN or Inf (every block-quantized one: one
+//! non-finite element would poison its block's scale) set P::finite_only.
+template <class P>
+constexpr bool rejects_non_finite() noexcept {
+  if constexpr (requires { P::finite_only; })
+    return P::finite_only;
+  else
+    return false;
+}
+
+//! Throws kvcache::error naming the first non-finite K or V element of the
+//! step (sequence id, layer, token position, KV head, element), before any
+//! row is stored, so a rejected write leaves the cache as it was.
+inline void check_finite(const kv_layout& L, std::size_t layer, const std::vector<seq_view>& seqs,
+                         const std::uint64_t* ids, const tensor_view<const float, 3>& k,
+                         const tensor_view<const float, 3>& v) {
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const seq_view& s = seqs[i];
+    for (std::size_t t = 0; t < s.q_len; ++t)
+      for (std::size_t h = 0; h < L.kv_heads; ++h)
+        for (std::size_t kind = 0; kind < 2; ++kind) {
+          const float* x = kind == 0 ? &k(s.q_begin + t, h, 0) : &v(s.q_begin + t, h, 0);
+          for (std::size_t d = 0; d < L.head_dim; ++d)
+            require(std::isfinite(x[d]), kind == 0 ? "K" : "V", " of sequence ", ids[i], ", layer ",
+                    layer, ", token ", s.first_pos + t, " (kv_head ", h, ", element ", d, ") is ",
+                    x[d], "; quantized precisions store only finite values, nothing was written");
+        }
+  }
+}
 
 template <class P>
 void write_rows(thread_pool& pool, const kv_layout& L, std::size_t layer,

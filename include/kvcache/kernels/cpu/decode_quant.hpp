@@ -1,0 +1,602 @@
+// CPU decode attention over block-quantized rows (block_precision, see
+// concepts.hpp), read in place: no dequantised copy of the cache and no
+// per-token float rows. The loop structure is decode.hpp's (flash-decoding
+// items, decode_streams items in lockstep per thread, 16-token tiles, every
+// K/V element read once for all query heads of its group); what differs is
+// how 16 elements of a row become a float vector:
+//   - built-in formats (P::format): vectorised readers below, which apply
+//     the block's fp16 scale (and min) while widening the codes;
+//   - any other block_precision: its KVCACHE_HOST_DEVICE dot_block and
+//     accumulate_block, one block at a time.
+// Precisions with a change of basis (hadamard<P>) get their queries
+// transformed once per item and their partial outputs transformed back before
+// the log-sum-exp merge, which is linear, so the merge is unchanged.
+// Scores and outputs are fp32: this path adds only fp32 rounding (the tests
+// hold it to 1e-4 against a float64 attention over the dequantised rows).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "../../concepts.hpp"
+#include "../../detail/simd.hpp"
+#include "../../precision/block.hpp"
+#include "../plan.hpp"
+#include "../view.hpp"
+#include "vnni.hpp"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace kvcache {
+inline namespace v0 {
+namespace detail {
+
+template <class P>
+concept rotating_precision = requires(float* x, std::size_t n) {
+  P::transform_query(x, n);
+  P::transform_output(x, n);
+};
+
+template <class P>
+concept formatted_precision = block_precision<P> && requires {
+  typename P::format;
+};
+
+template <class P>
+struct format_of {
+  using type = void;
+};
+template <formatted_precision P>
+struct format_of<P> {
+  using type = typename P::format;
+};
+
+//! Whether this build scores P's blocks with integer dot products (vnni.hpp).
+template <class P>
+constexpr bool integer_scores() noexcept {
+  if constexpr (formatted_precision<P>)
+    return KVCACHE_HAS_VNNI && vnni::supported_format<typename P::format>();
+  else
+    return false;
+}
+//! The relative L2 error decode may add to float64 attention over P's own
+//! decoded rows. Integer scores round the query to two bytes per element
+//! (2^-16 of each block's largest |q|): on keys with x15 outlier channels
+//! (scores spread over tens) that moved outputs by up to 1.5e-4, so they are
+//! held to 5e-4, well inside the 2e-3 an integer-dot kernel may add and
+//! small next to every integer format's own error (docs/quantization.md).
+//! The float paths add only fp32 rounding.
+template <class P>
+constexpr double decode_error_bound() noexcept;
+
+//! Whether it also accumulates P's value blocks with integer dot products.
+template <class P>
+constexpr bool integer_values() noexcept {
+  if constexpr (formatted_precision<P>)
+    return KVCACHE_HAS_VNNI && vnni::values_supported<typename P::format>();
+  else
+    return false;
+}
+
+namespace simd {
+
+//! fp16 bits -> float for the scalar metadata of the inner loops: one F16C
+//! instruction where available, else the portable conversion.
+KVCACHE_ALWAYS_INLINE float half_scalar(std::uint16_t h) noexcept {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  return half_bits_to_float(h);
+#endif
+}
+
+//! Sixteen fp16 bit patterns (in 32-bit lanes) -> floats.
+KVCACHE_ALWAYS_INLINE vf half_lanes_to_float(vu h) noexcept {
+  const vh hv = __builtin_convertvector(h, vh);
+#if defined(__AVX512F__)
+  __m256i x;
+  std::memcpy(&x, &hv, 32);
+  return (vf)_mm512_cvtph_ps(x);
+#else
+  return half_to_float_portable(hv);
+#endif
+}
+
+//! Sixteen bytes widened to 32-bit lanes, sign- or zero-extended. GCC
+//! scalarises __builtin_convertvector between these sizes, so AVX-512 gets
+//! the one instruction it has.
+KVCACHE_ALWAYS_INLINE vi widen_signed(const std::uint8_t* p) noexcept {
+#if defined(__AVX512F__)
+  const __m512i x = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  vi r;
+  std::memcpy(&r, &x, 64);
+  return r;
+#else
+  vi r;
+  for (int i = 0; i < lanes; ++i) r[i] = static_cast<std::int8_t>(p[i]);
+  return r;
+#endif
+}
+KVCACHE_ALWAYS_INLINE vu widen_unsigned(const std::uint8_t* p) noexcept {
+#if defined(__AVX512F__)
+  const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  vu r;
+  std::memcpy(&r, &x, 64);
+  return r;
+#else
+  vu r;
+  for (int i = 0; i < lanes; ++i) r[i] = p[i];
+  return r;
+#endif
+}
+KVCACHE_ALWAYS_INLINE vf to_float(vi x) noexcept { return __builtin_convertvector(x, vf); }
+
+//! Horizontal sum and maximum as shuffle trees (4 steps, not 15 scalar ones).
+KVCACHE_ALWAYS_INLINE float tree_add(vf v) noexcept {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+KVCACHE_ALWAYS_INLINE float tree_max(vf v) noexcept {
+  v = max(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = max(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = max(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = max(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+  return v[0];
+}
+
+}  // namespace simd
+
+//! Elements [16 c, 16 c + 16) of a row of format F, decoded to floats. The
+//! scalar block functions of block.hpp define the same values; a test compares.
+template <class F>
+KVCACHE_ALWAYS_INLINE simd::vf read16(const std::byte* row, std::size_t c,
+                                      std::size_t dim) noexcept {
+  using namespace simd;
+  const auto* p = reinterpret_cast<const std::uint8_t*>(row);
+  const std::size_t b = c * lanes / F::group;
+  std::uint16_t sb;
+  std::memcpy(&sb, row + F::scale_offset(dim) + 2 * b, 2);
+  const float s = half_scalar(sb);
+  if constexpr (F::kind == block_kind::int8_sym) {
+    return to_float(widen_signed(p + c * lanes)) * s;
+  } else if constexpr (F::kind == block_kind::fp8_e4m3) {
+    const vu x = widen_unsigned(p + c * lanes);
+    return half_lanes_to_float(((x & 0x80u) << 8) | ((x & 0x7fu) << 7)) * (s * 256.f);
+  } else {
+    float m;
+    if constexpr (F::asymmetric) {
+      std::uint16_t mb;
+      std::memcpy(&mb, row + F::min_offset(dim) + 2 * b, 2);
+      m = half_scalar(mb);
+    } else {
+      m = -8.f * s;
+    }
+    vu x;
+    if constexpr (F::bits == 4) {
+      // 32-element sub-block c / 2: low nibbles are its first 16 elements.
+      x = (widen_unsigned(p + (c / 2) * 16) >> static_cast<std::uint32_t>(4 * (c % 2))) & 15u;
+    } else {
+      // 8 bytes per 32 elements: lane i of half h is byte i % 8 at bit 2 (2h + i / 8).
+      std::uint8_t w[16];
+      std::memcpy(w, p + (c / 2) * 8, 8);
+      std::memcpy(w + 8, p + (c / 2) * 8, 8);
+      const vu shift = vu{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2} +
+                       static_cast<std::uint32_t>(4 * (c % 2));
+      x = (widen_unsigned(w) >> shift) & 3u;
+    }
+    return to_float((vi)x) * s + m;
+  }
+}
+
+//! Decoded 16 elements of a row of precision P (built-in format).
+template <class P>
+KVCACHE_ALWAYS_INLINE simd::vf read_row16(const std::byte* row, std::size_t c,
+                                          std::size_t dim) noexcept {
+  return read16<typename P::format>(row, c, dim);
+}
+
+template <class P>
+constexpr double decode_error_bound() noexcept {
+  return integer_scores<P>() ? 5e-4 : 1e-4;
+}
+
+//! Token slots of a tile's score rows: the integer path takes tiles of 32
+//! tokens (two transposed 16-token halves), halving the per-tile softmax,
+//! weight rounding and epilogue work; the float paths take decode_tile (16).
+inline constexpr std::size_t quant_tile = 32;
+
+//! Running softmax state of one item.
+struct quant_stream {
+  const decode_item* item = nullptr;
+  const float* q = nullptr;  // (g, dim)        scaled, transformed queries
+  float* o = nullptr;        // (g, dim + 1)
+  float* m = nullptr;        // (g)
+  float* l = nullptr;        // (g)
+  std::size_t t = 0;
+};
+
+//! Floats of per-worker scratch decode_quant_task needs beyond decode.hpp's.
+inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
+  const std::size_t g = L.group(), dim = L.head_dim, nb = dim / 32;
+  const std::size_t integer = decode_streams * g * vnni::query_view::words(dim, 32) + dim / 4 * 16 +
+                              2 * nb * 16 + 32 + decode_streams * g * nb * 16 + g * nb * 16 + 16;
+  return decode_streams * (2 * g + g * dim) + g * quant_tile + 64 + integer;
+}
+
+//! Scores of up to 16 tokens x g heads into sc (g, quant_tile), by formats'
+//! vectorised readers, HB heads at a time.
+template <class P, std::size_t D, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void quant_scores(const quant_stream& s, const std::byte* K, std::size_t rb,
+                                        std::size_t n, std::size_t g, std::size_t dim_rt,
+                                        float* sc) noexcept {
+  using namespace simd;
+  const std::size_t dim = D ? D : dim_rt, nc = dim / lanes;
+  constexpr std::size_t TOK = lanes / HB;
+  for (std::size_t hb = 0; hb < g; hb += HB) {
+    const float* q = s.q + hb * dim;
+    for (std::size_t j0 = 0; j0 < decode_tile; j0 += TOK) {
+      vf acc[lanes] = {};
+      const std::byte* k[TOK];
+      for (std::size_t t = 0; t < TOK; ++t) k[t] = K + std::min(j0 + t, n - 1) * rb;
+      for (std::size_t c = 0; c < nc; ++c) {
+        vf qv[HB];
+        for (std::size_t h = 0; h < HB; ++h) qv[h] = load(q + h * dim + c * lanes);
+        for (std::size_t t = 0; t < TOK; ++t) {
+          const vf kv = read_row16<P>(k[t], c, dim);
+          for (std::size_t h = 0; h < HB; ++h) acc[h * TOK + t] += qv[h] * kv;
+        }
+      }
+      const vf sums = reduce16(acc);
+      for (std::size_t h = 0; h < HB; ++h)
+        for (std::size_t t = 0; t < TOK; ++t)
+          sc[(hb + h) * quant_tile + j0 + t] = j0 + t < n ? sums[h * TOK + t] : -INFINITY;
+    }
+  }
+}
+
+//! Online softmax over one tile's scores: sc becomes the weights, corr the
+//! rescaling of each head's running output.
+KVCACHE_ALWAYS_INLINE void quant_softmax(quant_stream& s, std::size_t g, float* sc, float* corr,
+                                         std::size_t tile) noexcept {
+  using namespace simd;
+  // Sixteen heads at a time: the maxima, the rescaling factors and the sums
+  // are vectors over heads, so a tile costs a few tree reductions and one
+  // vector exp per head, not scalar chains and libm calls. Rows are
+  // quant_tile apart; the first `tile` (16 or 32) slots are scores.
+  for (std::size_t h0 = 0; h0 < g; h0 += lanes) {
+    const std::size_t nh = std::min<std::size_t>(lanes, g - h0);
+    vf mo = splat(-INFINITY), mx = splat(-INFINITY);
+    for (std::size_t h = 0; h < nh; ++h) {
+      const float* srow = sc + (h0 + h) * quant_tile;
+      vf m = load(srow);
+      if (tile > lanes) m = max(m, load(srow + lanes));
+      mo[h] = s.m[h0 + h];
+      mx[h] = tree_max(m);
+    }
+    const vf mn = max(mo, mx);
+    // e^(mo - mn): 0 on the first tile (mo = -inf), which exp_neg maps to 0.
+    const vf c = exp_neg(select(mo == splat(-INFINITY), splat(-INFINITY), mo - mn));
+    vf sums{};
+    for (std::size_t h = 0; h < nh; ++h) {
+      float* srow = sc + (h0 + h) * quant_tile;
+      vf p = exp_neg(load(srow) - mn[h]);
+      store(srow, p);
+      if (tile > lanes) {
+        const vf p2 = exp_neg(load(srow + lanes) - mn[h]);
+        store(srow + lanes, p2);
+        p += p2;
+      }
+      sums[h] = tree_add(p);
+    }
+    for (std::size_t h = 0; h < nh; ++h) {
+      corr[h0 + h] = c[h];
+      s.l[h0 + h] = s.l[h0 + h] * c[h] + sums[h];
+      s.m[h0 + h] = mn[h];
+    }
+  }
+}
+
+//! o = o x corr + weights x V over a tile of n tokens, HB heads at a time.
+template <class P, std::size_t D, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void quant_accumulate(quant_stream& s, const std::byte* V, std::size_t rb,
+                                            std::size_t n, std::size_t g, std::size_t dim_rt,
+                                            const float* sc, const float* corr) noexcept {
+  using namespace simd;
+  const std::size_t dim = D ? D : dim_rt, nc = dim / lanes, stride = dim + 1;
+  for (std::size_t hb = 0; hb < g; hb += HB)
+    for (std::size_t c = 0; c < nc; ++c) {
+      vf ov[HB];
+      for (std::size_t h = 0; h < HB; ++h)
+        ov[h] = load(s.o + (hb + h) * stride + c * lanes) * corr[hb + h];
+      for (std::size_t j = 0; j < n; ++j) {
+        const vf vv = read_row16<P>(V + j * rb, c, dim);
+        for (std::size_t h = 0; h < HB; ++h) ov[h] += sc[(hb + h) * quant_tile + j] * vv;
+      }
+      for (std::size_t h = 0; h < HB; ++h) store(s.o + (hb + h) * stride + c * lanes, ov[h]);
+    }
+}
+
+//! The same tile through the precision's block functions (a user's
+//! block_precision without a built-in format).
+template <class P>
+void quant_tile_blocks(quant_stream& s, const std::byte* K, const std::byte* V, std::size_t rb,
+                       std::size_t n, std::size_t g, std::size_t dim, float* sc, float* corr) {
+  const std::size_t G = P::group, nb = dim / G, stride = dim + 1;
+  for (std::size_t h = 0; h < g; ++h)
+    for (std::size_t j = 0; j < decode_tile; ++j) {
+      float acc = -INFINITY;
+      if (j < n) {
+        acc = 0.f;
+        for (std::size_t b = 0; b < nb; ++b)
+          acc += P::dot_block(s.q + h * dim + b * G, K + j * rb, b, dim);
+      }
+      sc[h * quant_tile + j] = acc;
+    }
+  quant_softmax(s, g, sc, corr, decode_tile);
+  for (std::size_t h = 0; h < g; ++h) {
+    float* o = s.o + h * stride;
+    for (std::size_t d = 0; d < dim; ++d) o[d] *= corr[h];
+    for (std::size_t j = 0; j < n; ++j)
+      for (std::size_t b = 0; b < nb; ++b)
+        P::accumulate_block(sc[h * quant_tile + j], V + j * rb, b, dim, o + b * G);
+  }
+}
+
+//! Scores of 16 rows (n valid) for all g heads into sc (g, quant_tile).
+template <class F, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void integer_half_scores(const std::byte* K, std::size_t rb, std::size_t n,
+                                               std::size_t g, std::size_t dim,
+                                               const vnni::query_view* q, void* T,
+                                               const std::uint16_t* col_of,
+                                               const std::uint32_t* col_start, float* scales,
+                                               float* mins, float* sc) noexcept {
+#if KVCACHE_HAS_VNNI
+  const std::size_t nb = dim / F::group;
+  vnni::unpack_tile<F>(K, rb, n, dim, static_cast<__m512i*>(T));
+  const __m512i offs = vnni::tile_offsets(n, rb);
+  for (std::size_t b = 0; b < nb; ++b) {
+    _mm512_storeu_ps(scales + b * 16, vnni::gather_half(K, offs, F::scale_offset(dim) + 2 * b));
+    if constexpr (F::asymmetric)
+      _mm512_storeu_ps(mins + b * 16, vnni::gather_half(K, offs, F::min_offset(dim) + 2 * b));
+  }
+  for (std::size_t hb = 0; hb < g; hb += HB)
+    vnni::tile_scores<F, HB>(n, dim, q + hb, static_cast<const __m512i*>(T), col_of, col_start,
+                             scales, mins, sc + hb * quant_tile, quant_tile);
+#else
+  (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
+  (void)col_start, (void)scales, (void)mins, (void)sc;
+#endif
+}
+
+//! Scores of one tile for all g heads by integer dot products (vnni.hpp).
+template <class F, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t rb, std::size_t n,
+                                               std::size_t g, std::size_t dim,
+                                               const vnni::query_view* q, void* T,
+                                               const std::uint16_t* col_of,
+                                               const std::uint32_t* col_start, float* scales,
+                                               float* mins, float* sc) noexcept {
+#if KVCACHE_HAS_VNNI
+  for (std::size_t half = 0; half * 16 < quant_tile; ++half) {
+    if (half * 16 >= n) {  // an empty second half: no scores
+      for (std::size_t h = 0; h < g; ++h)
+        for (std::size_t t = 0; t < 16; ++t) sc[h * quant_tile + half * 16 + t] = -INFINITY;
+      continue;
+    }
+    integer_half_scores<F, HB>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g,
+                               dim, q, T, col_of, col_start, scales, mins, sc + half * 16);
+  }
+#else
+  (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
+  (void)col_start, (void)scales, (void)mins, (void)sc;
+#endif
+}
+
+//! o = o x corr + p V for one tile and all g heads by integer dot products.
+template <class F, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t rb, std::size_t n,
+                                               std::size_t g, std::size_t dim, const float* sc,
+                                               const float* corr, float* o, std::size_t stride,
+                                               std::int16_t* W, float* bias) noexcept {
+#if KVCACHE_HAS_VNNI
+  const std::size_t nb = dim / F::group;
+  for (std::size_t hb = 0; hb < g; hb += HB)
+    vnni::tile_values<F, HB>(V, rb, n, dim, sc + hb * quant_tile, quant_tile, corr + hb,
+                             o + hb * stride, stride, W, bias + hb * nb * 16);
+#else
+  (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
+  (void)W, (void)bias;
+#endif
+}
+
+//! One thread task: up to decode_streams adjacent items in lockstep, as
+//! decode.hpp's decode_task. qs: (decode group, g, dim) scaled queries;
+//! partial: (item, g, dim + 1) normalised outputs and their lse.
+template <class P, std::size_t D, std::size_t HB>
+void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* seqs,
+                       const work_plan& plan, const float* qs, float* partial, std::size_t first,
+                       std::size_t count, float* scratch) {
+  const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
+  const std::size_t stride = dim + 1;
+  quant_stream st[decode_streams];
+  float* sc = scratch;                          // (g, quant_tile)
+  float* ml = sc + g * quant_tile;              // (streams, 2, g)
+  float* qt = ml + 2 * g * decode_streams;      // (streams, g, dim) transformed queries
+  float* corr = qt + decode_streams * g * dim;  // (g)
+  // Integer scores (vnni.hpp): quantized queries, the transposed tile, and the
+  // tile's scales and mins with tokens in lanes.
+  constexpr bool integer = integer_scores<P>();
+  using F = typename format_of<P>::type;
+  [[maybe_unused]] bool use_integer = false;
+  [[maybe_unused]] vnni::query_view qv[decode_streams * 64];  // (streams, g) for g <= 64
+  [[maybe_unused]] std::size_t qs_group[decode_streams];
+  [[maybe_unused]] std::uint16_t col_of[512];
+  [[maybe_unused]] std::uint32_t col_start[65];
+  [[maybe_unused]] float *tile_scales = nullptr, *tile_mins = nullptr;
+  [[maybe_unused]] void* tile_T = nullptr;
+  [[maybe_unused]] float* value_bias = nullptr;      // (streams, g, nb, 16)
+  [[maybe_unused]] std::int16_t* value_w = nullptr;  // (g, nb, 16)
+  constexpr bool integer_v = integer_values<P>();
+  if constexpr (integer) {
+    use_integer = vnni::supported_dim<F>(dim) && g <= 64 && dim <= 2048;
+    if (use_integer) {
+      const std::size_t words = vnni::query_view::words(dim, F::group), nb = dim / F::group;
+      auto* qbase = reinterpret_cast<std::int32_t*>(corr + g);
+      for (std::size_t i = 0; i < decode_streams * g; ++i) qv[i] = {qbase + i * words, dim / 4, nb};
+      auto addr = reinterpret_cast<std::uintptr_t>(qbase + decode_streams * g * words);
+      addr = (addr + 63) & ~std::uintptr_t{63};
+      tile_T = reinterpret_cast<void*>(addr);
+      tile_scales = reinterpret_cast<float*>(addr) + dim / 4 * 16;
+      tile_mins = tile_scales + nb * 16;
+      value_bias = tile_mins + nb * 16;
+      value_w = reinterpret_cast<std::int16_t*>(value_bias + decode_streams * g * nb * 16);
+      vnni::block_columns<F>(dim, col_of, col_start);
+    }
+  }
+  const auto& groups = plan.decode_groups;
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::size_t idx = first + i;
+    const std::size_t grp =
+        std::upper_bound(groups.begin(), groups.end(), idx) - groups.begin() - 1;
+    st[i].item = &plan.decode[idx];
+    st[i].q = qs + grp * g * dim;
+    if constexpr (rotating_precision<P>) {
+      float* q = qt + i * g * dim;
+      for (std::size_t h = 0; h < g; ++h) {
+        std::memcpy(q + h * dim, st[i].q + h * dim, dim * sizeof(float));
+        P::transform_query(q + h * dim, dim);
+      }
+      st[i].q = q;
+    }
+    // Adjacent items of one (sequence, KV head) share their quantized queries.
+    if constexpr (integer)
+      if (use_integer) {
+        if (i > 0 && qs_group[i - 1] == grp) {
+          for (std::size_t h = 0; h < g; ++h) qv[i * g + h] = qv[(i - 1) * g + h];
+        } else {
+          for (std::size_t h = 0; h < g; ++h)
+            vnni::quantize_query<F>(st[i].q + h * dim, dim, qv[i * g + h]);
+        }
+        qs_group[i] = grp;
+      }
+    if constexpr (integer_v)
+      if (use_integer)
+        for (std::size_t k = 0; k < g * (dim / F::group) * 16; ++k)
+          value_bias[i * g * (dim / F::group) * 16 + k] = 0.f;
+    st[i].o = partial + idx * g * stride;
+    st[i].m = ml + i * 2 * g;
+    st[i].l = st[i].m + g;
+    st[i].t = st[i].item->begin;
+    for (std::size_t h = 0; h < g; ++h) {
+      st[i].m[h] = -INFINITY;
+      st[i].l[h] = 0.f;
+      for (std::size_t d = 0; d < dim; ++d) st[i].o[h * stride + d] = 0.f;
+    }
+  }
+  for (bool active = true; active;) {
+    active = false;
+    for (std::size_t i = 0; i < count; ++i) {
+      quant_stream& s = st[i];
+      const decode_item& it = *s.item;
+      if (s.t >= it.end) continue;
+      const seq_view& sv = seqs[it.seq];
+      const std::size_t in_page = sv.page_tokens - s.t % sv.page_tokens;
+      std::size_t tile = decode_tile;
+      if constexpr (integer)
+        if (use_integer) tile = quant_tile;
+      const std::size_t n = std::min({tile, it.end - s.t, in_page});
+      const std::byte* K = sv.row(L.run_offset(sv.page_tokens, layer, 0, it.head), s.t, rb);
+      const std::byte* V = sv.row(L.run_offset(sv.page_tokens, layer, 1, it.head), s.t, rb);
+      // The next tile of this stream, requested now: by the time the other
+      // streams' tiles are done it is in cache. Quantized rows are read
+      // faster than the prefetchers ramp up on 8 streams, and the first
+      // touch would otherwise be a gather of scales that stalls on DRAM.
+      // (A prefetch past the page or the item is harmless: it never faults.)
+      for (std::size_t off = 0; off < tile * rb; off += 64) {
+        __builtin_prefetch(K + tile * rb + off);
+        __builtin_prefetch(V + tile * rb + off);
+      }
+      if constexpr (integer) {
+        if (use_integer)
+          integer_tile_scores<F, HB>(K, rb, n, g, dim, qv + i * g, tile_T, col_of, col_start,
+                                     tile_scales, tile_mins, sc);
+        else
+          quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
+        quant_softmax(s, g, sc, corr, tile);
+        if constexpr (integer_v) {
+          if (use_integer) {
+            integer_tile_values<F, HB>(V, rb, n, g, dim, sc, corr, s.o, stride, value_w,
+                                       value_bias + i * g * (dim / F::group) * 16);
+          } else {
+            quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
+          }
+        } else {
+          quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
+        }
+      } else if constexpr (formatted_precision<P>) {
+        quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
+        quant_softmax(s, g, sc, corr, decode_tile);
+        quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
+      } else {
+        quant_tile_blocks<P>(s, K, V, rb, n, g, dim, sc, corr);
+      }
+      s.t += n;
+      active = active || s.t < it.end;
+    }
+  }
+  if constexpr (integer_v) {
+    if constexpr (F::asymmetric) {
+      if (use_integer)
+        for (std::size_t i = 0; i < count; ++i)
+          for (std::size_t h = 0; h < g; ++h)
+            for (std::size_t b = 0; b < dim / F::group; ++b) {
+              const float* acc = value_bias + ((i * g + h) * (dim / F::group) + b) * 16;
+              float sum = 0.f;
+              for (std::size_t t = 0; t < 16; ++t) sum += acc[t];
+              float* o = st[i].o + h * stride + b * F::group;
+              for (std::size_t d = 0; d < F::group; ++d) o[d] += sum;
+            }
+    }
+  }
+  for (std::size_t i = 0; i < count; ++i) {
+    for (std::size_t h = 0; h < g; ++h) {
+      float* o = st[i].o + h * stride;
+      const float inv = 1.0f / st[i].l[h];
+      for (std::size_t d = 0; d < dim; ++d) o[d] *= inv;
+      if constexpr (rotating_precision<P>) P::transform_output(o, dim);
+      o[dim] = st[i].m[h] + std::log(st[i].l[h]);
+    }
+  }
+}
+
+//! decode_quant_task with the head blocking chosen from the group size.
+template <class P, std::size_t D>
+void decode_quant_items(const kv_layout& L, std::size_t layer, const seq_view* seqs,
+                        const work_plan& plan, const float* qs, float* partial, std::size_t first,
+                        std::size_t count, float* scratch) {
+  const std::size_t g = L.group();
+  if (g % 4 == 0)
+    decode_quant_task<P, D, 4>(L, layer, seqs, plan, qs, partial, first, count, scratch);
+  else if (g % 2 == 0)
+    decode_quant_task<P, D, 2>(L, layer, seqs, plan, qs, partial, first, count, scratch);
+  else
+    decode_quant_task<P, D, 1>(L, layer, seqs, plan, qs, partial, first, count, scratch);
+}
+
+}  // namespace detail
+}  // namespace v0
+}  // namespace kvcache
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
