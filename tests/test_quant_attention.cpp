@@ -66,9 +66,9 @@ struct user_int8 {
 };
 static_assert(block_precision<user_int8>);
 
-template <class P, class G>
+template <class P, class G, class S = contiguous>
 void check_own(std::size_t qh, std::size_t kvh, std::size_t dim) {
-  using C = cache<G, contiguous, full, P>;
+  using C = cache<G, S, full, P>;
   if (!detail::whole_blocks<P>(dim)) return;  // e.g. int8_kv<128> at head_dim 64
   const auto seed = kvtest::test_seed();
   INFO("seed " << seed << " " << P::name << " q_heads " << qh << " kv_heads " << kvh << " dim "
@@ -91,6 +91,14 @@ TEMPLATE_TEST_CASE("quantized attention equals float64 attention over the stored
   SECTION("static head_dim 128, group 4") { check_own<TestType, gqa<128>>(8, 2, 128); }
   SECTION("dynamic head_dim 64, group 1") { check_own<TestType, gqa<>>(3, 3, 64); }
   SECTION("dynamic head_dim 256, group 6") { check_own<TestType, gqa<>>(6, 1, 256); }
+}
+
+// Paged storage: a decode tile's runs end at every page, so the fused kernel
+// walks 16-token pages (and 1-token pages, a run per token) like one region.
+TEMPLATE_TEST_CASE("quantized attention on paged storage", "[quant][attention][paged]", int8_kv<>,
+                   int4_kv<>, int2_kv) {
+  SECTION("page 16") { check_own<TestType, gqa<128>, paged<16>>(8, 2, 128); }
+  SECTION("page 1") { check_own<TestType, gqa<>, paged<1>>(4, 2, 64); }
 }
 
 TEST_CASE("a user's block precision runs through its block functions", "[quant][attention]") {
