@@ -24,12 +24,10 @@
 // settings); UseRealTime() still appends "/real_time", which the summary drops.
 // Filters match the reported names: --benchmark_filter='decode/fp16/.*/32768/1/'.
 //
-// Caveat on cache residency: one layer's K+V at batch 1 is 16 MiB (fp16/bf16)
-// or 32 MiB (fp32) at 4096 tokens, the size of the development machine's L3
-// (32 MiB), so repeated decode steps at 4096 may be served partly from L3 and
-// read faster than DRAM allows. From 16384 tokens on (64 MiB and up) every
-// step streams from DRAM, as it would in a real model, where the other
-// layers' caches evict this one between steps.
+// Cache residency: a decode step cycles through as many layers as it takes to
+// touch 1 GiB of K/V (layers_for), more than any last-level cache here, so
+// every layer is read from DRAM, as in a real model; one begin_step plans the
+// step and each layer runs write + attend. The probe reads 1 GiB as well.
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -64,6 +62,8 @@ constexpr std::size_t kMaxPrefill = 2048;
 // use the true lengths.
 constexpr std::size_t kDecodeMargin = 64;
 constexpr std::size_t kProbeBytes = std::size_t{1} << 30;
+constexpr std::size_t kEvictBytes = std::size_t{1} << 30;  // K/V touched per decode step
+constexpr std::size_t kMaxLayers = 64;
 constexpr std::size_t kProbeStreams = 8;  // sequential read streams per thread
 constexpr int kGemmN = 1024;
 
@@ -131,9 +131,24 @@ double median_of(std::vector<double> v) {
 
 // The probe's 1 GiB, allocated on first use and freed when decode starts (the
 // largest decode cache needs 2 GiB of its own).
-std::vector<float> g_probe_buffer;
+// It comes from the cpu backend's allocator, as the caches' memory does, so
+// that both get the same page size (transparent huge pages where the system
+// grants them): a ceiling measured on smaller pages would flatter the kernels.
+struct probe_buffer {
+  float* data = nullptr;
+  bool empty() const { return data == nullptr; }
+  void allocate() {
+    data = static_cast<float*>(cpu::allocate(kProbeBytes));
+    std::fill(data, data + kProbeBytes / sizeof(float), 1.0f);
+  }
+  void release() {
+    if (data) cpu::deallocate(data, kProbeBytes);
+    data = nullptr;
+  }
+};
+probe_buffer g_probe_buffer;
 
-void release_probe_buffer() { std::vector<float>().swap(g_probe_buffer); }
+void release_probe_buffer() { g_probe_buffer.release(); }
 
 // Vectors of 16 floats: one zmm register with AVX-512, two ymm with AVX2.
 using probe_vec = float __attribute__((vector_size(64)));
@@ -155,8 +170,8 @@ double probe_pass_bytes() {
 double read_pass() {
   using vf = probe_vec;
   constexpr std::size_t lanes = kProbeLanes;
-  if (g_probe_buffer.empty()) g_probe_buffer.assign(kProbeBytes / sizeof(float), 1.0f);
-  const float* data = g_probe_buffer.data();
+  if (g_probe_buffer.empty()) g_probe_buffer.allocate();
+  const float* data = g_probe_buffer.data;
   const std::size_t slice = probe_slice(), stream = probe_stream();
   std::vector<float> sums(hw_threads());
   const auto t0 = std::chrono::steady_clock::now();
@@ -314,6 +329,17 @@ F& fixture_for(const std::string& key, A... args) {
   return static_cast<F&>(*g_fixture);
 }
 
+//! Layers a decode fixture cycles through so that one step touches at least
+//! kEvictBytes: each layer's K/V is then evicted from the last-level cache
+//! before the next step reads it again, as in a real model, where the other
+//! layers' caches stand between two reads of one layer. With one layer, a
+//! 32k-token fp16 cache (128 MiB) stays resident in a large L3 (480 MiB on
+//! the development machine) and would be timed at L3 rather than DRAM speed.
+std::size_t layers_for(std::size_t context, std::size_t batch, std::size_t row_bytes) {
+  const std::size_t per_layer = batch * context * 2 * kKVHeads * row_bytes;
+  return std::clamp<std::size_t>((kEvictBytes + per_layer - 1) / per_layer, 1, kMaxLayers);
+}
+
 template <class P>
 struct decode_fixture : fixture {
   using cache_t = cache<gqa<kHeadDim>, contiguous, full, P>;
@@ -321,7 +347,8 @@ struct decode_fixture : fixture {
   decode_fixture(std::size_t context_, std::size_t batch_)
       : context(context_),
         batch(batch_),
-        kv({.layers = 1,
+        layers(layers_for(context_, batch_, P::row_bytes(kHeadDim))),
+        kv({.layers = layers,
             .q_heads = kQHeads,
             .kv_heads = kKVHeads,
             .max_tokens = batch_ * (context_ + kDecodeMargin),
@@ -341,8 +368,9 @@ struct decode_fixture : fixture {
     for (std::size_t b = 0; b < batch; ++b) {
       const seq_id s = kv.add_sequence(context + kDecodeMargin);
       const step st = kv.begin_step({{s, n}});
-      kv.write(0, st, make_view(source_k().data(), n, kKVHeads, kHeadDim),
-               make_view(source_v().data(), n, kKVHeads, kHeadDim));
+      for (std::size_t l = 0; l < layers; ++l)
+        kv.write(l, st, make_view(source_k().data(), n, kKVHeads, kHeadDim),
+                 make_view(source_v().data(), n, kKVHeads, kHeadDim));
       seqs.push_back(s);
       appends.push_back({s, 1});
     }
@@ -353,16 +381,18 @@ struct decode_fixture : fixture {
   //! written and attended in one step.
   void decode_step() {
     const step st = kv.begin_step(appends);
-    kv.write(0, st, make_view(source_k().data(), batch, kKVHeads, kHeadDim),
-             make_view(source_v().data(), batch, kKVHeads, kHeadDim));
-    kv.attend(0, st, make_view(source_q().data(), batch, kQHeads, kHeadDim),
-              make_view(out.data(), batch, kQHeads, kHeadDim));
+    for (std::size_t l = 0; l < layers; ++l) {
+      kv.write(l, st, make_view(source_k().data(), batch, kKVHeads, kHeadDim),
+               make_view(source_v().data(), batch, kKVHeads, kHeadDim));
+      kv.attend(l, st, make_view(source_q().data(), batch, kQHeads, kHeadDim),
+                make_view(out.data(), batch, kQHeads, kHeadDim));
+    }
     ++decoded;
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
 
-  std::size_t context, batch;
+  std::size_t context, batch, layers;
   cache_t kv;
   std::vector<seq_id> seqs;
   std::vector<append> appends;
@@ -389,7 +419,7 @@ void decode(benchmark::State& state, const std::string& name, std::size_t contex
       timer.resume(state);
     }
     // Each sequence reads its context + the tokens decoded since the fill.
-    bytes += double(batch) * double(context + fx.decoded) * token_bytes;
+    bytes += double(fx.layers * batch) * double(context + fx.decoded) * token_bytes;
     fx.decode_step();
   }
   const double rate = bytes / timer.seconds();

@@ -11,6 +11,7 @@
 #include <array>
 #include <cstddef>
 #include <string_view>
+#include <type_traits>
 
 #include "error.hpp"
 
@@ -47,7 +48,9 @@ struct tensor_view {
   }
 
   //! Views of non-const data convert to views of const data.
-  constexpr operator tensor_view<const T, Rank>() const noexcept { return {data, shape, strides}; }
+  constexpr operator tensor_view<const T, Rank>() const noexcept requires(!std::is_const_v<T>) {
+    return {data, shape, strides};
+  }
 };
 
 //! Row-major view over user memory: packed<3>(p, {tokens, heads, dim}).

@@ -44,15 +44,33 @@ KVCACHE_ALWAYS_INLINE vf load(const float* p) noexcept {
 KVCACHE_ALWAYS_INLINE void store(float* p, vf v) noexcept { std::memcpy(p, &v, sizeof v); }
 KVCACHE_ALWAYS_INLINE vf splat(float x) noexcept { return vf{} + x; }
 
+//! 0, 1, ..., 15: lane numbers, for masks.
+KVCACHE_ALWAYS_INLINE vi lane_index() noexcept {
+  return vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+}
+
+// Horizontal reductions by halving: four shuffle + op steps instead of a
+// serial chain of 15 scalar operations.
 KVCACHE_ALWAYS_INLINE float reduce_add(vf v) noexcept {
-  float s = 0.f;
-  for (int i = 0; i < lanes; ++i) s += v[i];
-  return s;
+  using v8 = float __attribute__((vector_size(32)));
+  using v4 = float __attribute__((vector_size(16)));
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b =
+      __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 KVCACHE_ALWAYS_INLINE float reduce_max(vf v) noexcept {
-  float m = v[0];
-  for (int i = 1; i < lanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  using v8 = float __attribute__((vector_size(32)));
+  using v4 = float __attribute__((vector_size(16)));
+  const v8 lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8 hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v8 a = lo > hi ? lo : hi;
+  const v4 a0 = __builtin_shufflevector(a, a, 0, 1, 2, 3),
+           a1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4 b = a0 > a1 ? a0 : a1;
+  const float c0 = b[0] > b[2] ? b[0] : b[2], c1 = b[1] > b[3] ? b[1] : b[3];
+  return c0 > c1 ? c0 : c1;
 }
 //! Lane i of the result is the sum of the lanes of v[i]: sixteen horizontal
 //! sums in 15 shuffle pairs instead of 16 scalar reductions.

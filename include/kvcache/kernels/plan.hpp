@@ -38,7 +38,7 @@ struct work_plan {
   std::size_t max_rows = 0;  // largest prefill tile, in query rows
 };
 
-inline constexpr std::size_t decode_tile = 16;    // tokens scored per vector pass
+inline constexpr std::size_t decode_tile = 32;    // tokens per softmax update (two 16-lane passes)
 inline constexpr std::size_t decode_streams = 4;  // items interleaved per thread task
 inline constexpr std::size_t prefill_kv_tile = 64;
 inline constexpr std::size_t paged_run_bytes = 16 * 1024;  // see make_plan

@@ -2,9 +2,12 @@
 // Memory bound, so each K/V element is read once for every query head of its
 // group (never repeated per query head), tokens are split into chunks that
 // threads take (flash-decoding, merged by log-sum-exp), and each thread walks
-// `decode_streams` chunks in lockstep so that 2 x decode_streams sequential
-// read streams are in flight: one stream alone leaves the prefetchers idle at
-// each 4 KiB page boundary.
+// `decode_streams` chunks in lockstep. The hardware prefetchers alone kept
+// only ~0.4 of the read bandwidth busy (they stop at every 4 KiB page and a
+// 16-token fp16 tile is exactly one page), so each stream prefetches its next
+// tile in software while it computes the current one; with the cache on huge
+// pages (backend/cpu.hpp) this reached ~0.68 of the measured read bandwidth
+// at 32k tokens (docs/performance.md).
 #pragma once
 
 #include <cmath>
@@ -49,59 +52,138 @@ inline std::size_t decode_scratch_floats(const kv_layout& L) noexcept {
   return decode_streams * (2 * g + g * decode_tile + 2 * decode_tile * L.head_dim) + 64;
 }
 
-//! Scores, softmax update and V accumulation for up to 16 tokens of one stream,
-//! HB query heads at a time. Rows are contiguous (one page).
+//! Lines of the next tile of a stream, prefetched while this tile computes.
+struct tile_prefetch {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  std::size_t lines = 0;
+};
+
+//! Regroups HB score vectors of TOK = 16 / HB tokens x HB heads (lane
+//! h * TOK + t of vector p holds token p * TOK + t of head h) into one vector
+//! of 16 tokens per head, with shuffles instead of a round trip to memory.
+template <std::size_t HB>
+KVCACHE_ALWAYS_INLINE void scores_by_head(const simd::vf* s, simd::vf* by_head) noexcept {
+  if constexpr (HB == 1) {
+    by_head[0] = s[0];
+  } else if constexpr (HB == 2) {
+    by_head[0] =
+        __builtin_shufflevector(s[0], s[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    by_head[1] = __builtin_shufflevector(s[0], s[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27,
+                                         28, 29, 30, 31);
+  } else {
+    static_assert(HB == 4);
+    // 4 x 4 transpose of 4-lane blocks: B(p, h) -> B(h, p).
+    const simd::vf u0 =
+        __builtin_shufflevector(s[0], s[1], 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const simd::vf u1 = __builtin_shufflevector(s[0], s[1], 8, 9, 10, 11, 24, 25, 26, 27, 12, 13,
+                                                14, 15, 28, 29, 30, 31);
+    const simd::vf u2 =
+        __builtin_shufflevector(s[2], s[3], 0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const simd::vf u3 = __builtin_shufflevector(s[2], s[3], 8, 9, 10, 11, 24, 25, 26, 27, 12, 13,
+                                                14, 15, 28, 29, 30, 31);
+    by_head[0] =
+        __builtin_shufflevector(u0, u2, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    by_head[1] = __builtin_shufflevector(u0, u2, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                                         29, 30, 31);
+    by_head[2] =
+        __builtin_shufflevector(u1, u3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    by_head[3] = __builtin_shufflevector(u1, u3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                                         29, 30, 31);
+  }
+}
+
+//! Scores, softmax update and V accumulation for up to decode_tile tokens of
+//! one stream, HB query heads at a time. Rows are contiguous (one page).
+//! Scores stay in registers from the dot products to the weights; only the
+//! weights go to memory, where the V pass reads them as broadcast operands.
+//! The next tile's lines are prefetched a few at a time between the dot
+//! products: issued all at once they queue behind the core's few line-fill
+//! buffers and stall it, spread out they overlap with the arithmetic.
 template <class P, std::size_t D, std::size_t HB>
 KVCACHE_ALWAYS_INLINE void decode_tile_update(decode_stream& s, const row_t<P>* K,
                                               const row_t<P>* V, std::size_t n, std::size_t g,
-                                              std::size_t dim_rt, float* sc) noexcept {
+                                              std::size_t dim_rt, float* sc,
+                                              const tile_prefetch& pf) noexcept {
   using namespace simd;
+  constexpr std::size_t TOK = lanes / HB, SUB = decode_tile / lanes;
   const std::size_t dim = D ? D : dim_rt;
   const std::size_t stride = dim + 1;
   const std::size_t nc = dim / lanes;
+  const std::size_t subs = (n + lanes - 1) / lanes;  // 16-token sub-tiles holding tokens
+  const std::size_t pf_step = (pf.lines + subs * HB * nc - 1) / (subs * HB * nc);
+  std::size_t pf_line = 0;
   for (std::size_t hb = 0; hb < g; hb += HB) {
     const float* q = s.q + hb * dim;
-    // Scores of TOK tokens x HB heads = 16 dot products per pass, summed
-    // horizontally together by reduce16 (lane h * TOK + t).
-    constexpr std::size_t TOK = lanes / HB;
-    for (std::size_t j0 = 0; j0 < decode_tile; j0 += TOK) {
-      vf acc[lanes] = {};
-      const row_t<P>* k[TOK];
-      for (std::size_t t = 0; t < TOK; ++t) k[t] = K + std::min(j0 + t, n - 1) * dim;
-      for (std::size_t c = 0; c < nc; ++c) {
-        vf qv[HB];
-        for (std::size_t h = 0; h < HB; ++h) qv[h] = load(q + h * dim + c * lanes);
-        for (std::size_t t = 0; t < TOK; ++t) {
-          const vf kv = load(k[t] + c * lanes);
-          for (std::size_t h = 0; h < HB; ++h) acc[h * TOK + t] += qv[h] * kv;
+    vf sh[SUB][HB];
+    for (std::size_t u = 0; u < subs; ++u) {
+      const row_t<P>* Ku = K + u * lanes * dim;
+      const std::size_t nu = std::min<std::size_t>(lanes, n - u * lanes);
+      vf part[HB];
+      for (std::size_t p = 0; p < HB; ++p) {
+        vf acc[lanes] = {};
+        // Lanes past nu read the last row again and are masked to -inf below.
+        const row_t<P>* k[TOK];
+        for (std::size_t t = 0; t < TOK; ++t) k[t] = Ku + std::min(p * TOK + t, nu - 1) * dim;
+        for (std::size_t c = 0; c < nc; ++c) {
+          if (hb == 0)
+            for (const std::size_t e = std::min(pf_line + pf_step, pf.lines); pf_line < e;
+                 ++pf_line) {
+              __builtin_prefetch(pf.k + pf_line * 64, 0, 1);
+              __builtin_prefetch(pf.v + pf_line * 64, 0, 1);
+            }
+          vf qv[HB];
+          for (std::size_t h = 0; h < HB; ++h) qv[h] = load(q + h * dim + c * lanes);
+          for (std::size_t t = 0; t < TOK; ++t) {
+            const vf kv = load(k[t] + c * lanes);
+            for (std::size_t h = 0; h < HB; ++h) acc[h * TOK + t] += qv[h] * kv;
+          }
+        }
+        part[p] = reduce16(acc);
+      }
+      scores_by_head<HB>(part, sh[u]);
+      const vi valid = lane_index() < static_cast<std::int32_t>(nu);
+      for (std::size_t h = 0; h < HB; ++h) sh[u][h] = select(valid, sh[u][h], splat(-INFINITY));
+    }
+    vf mo{}, mn{}, lo{};
+    for (std::size_t h = 0; h < HB; ++h) {
+      vf mx = sh[0][h];
+      for (std::size_t u = 1; u < subs; ++u) mx = max(mx, sh[u][h]);
+      mo[h] = s.m[hb + h];
+      lo[h] = s.l[hb + h];
+      mn[h] = std::max(mo[h], reduce_max(mx));
+    }
+    // One vector exp for every head's rescale factor; 0 on the first tile
+    // (mo = -inf).
+    const vf corr = exp_neg(mo - mn);
+    for (std::size_t h = 0; h < HB; ++h) {
+      vf sum{};
+      for (std::size_t u = 0; u < subs; ++u) {
+        const vf p = exp_neg(sh[u][h] - mn[h]);
+        sum += p;
+        store(sc + h * decode_tile + u * lanes, p);
+      }
+      s.l[hb + h] = lo[h] * corr[h] + reduce_add(sum);
+      s.m[hb + h] = mn[h];
+    }
+    // O = O * corr + P V, token by token so that V is read in address order,
+    // in blocks of dims that keep HB x CB accumulators in registers.
+    constexpr std::size_t CB = 16 / HB < 8 ? 16 / HB : 8;
+    for (std::size_t c0 = 0; c0 < nc; c0 += CB) {
+      const std::size_t cn = std::min(CB, nc - c0);
+      vf ov[HB][CB];
+      for (std::size_t h = 0; h < HB; ++h)
+        for (std::size_t c = 0; c < cn; ++c)
+          ov[h][c] = load(s.o + (hb + h) * stride + (c0 + c) * lanes) * corr[h];
+      for (std::size_t j = 0; j < n; ++j) {
+        for (std::size_t c = 0; c < cn; ++c) {
+          const vf vv = load(V + j * dim + (c0 + c) * lanes);
+          for (std::size_t h = 0; h < HB; ++h) ov[h][c] += sc[h * decode_tile + j] * vv;
         }
       }
-      const vf sums = reduce16(acc);
       for (std::size_t h = 0; h < HB; ++h)
-        for (std::size_t t = 0; t < TOK; ++t)
-          sc[(hb + h) * decode_tile + j0 + t] = j0 + t < n ? sums[h * TOK + t] : -INFINITY;
-    }
-    float corr[HB];
-    for (std::size_t h = 0; h < HB; ++h) {
-      float* srow = sc + (hb + h) * decode_tile;
-      const vf sv = load(srow);
-      const float mo = s.m[hb + h];
-      const float mn = std::max(mo, reduce_max(sv));
-      const vf p = exp_neg(sv - mn);
-      corr[h] = std::exp(mo - mn);  // 0 on the first tile (mo = -inf)
-      s.l[hb + h] = s.l[hb + h] * corr[h] + reduce_add(p);
-      s.m[hb + h] = mn;
-      store(srow, p);
-    }
-    for (std::size_t c = 0; c < nc; ++c) {
-      vf ov[HB];
-      for (std::size_t h = 0; h < HB; ++h)
-        ov[h] = load(s.o + (hb + h) * stride + c * lanes) * corr[h];
-      for (std::size_t j = 0; j < n; ++j) {
-        const vf vv = load(V + j * dim + c * lanes);
-        for (std::size_t h = 0; h < HB; ++h) ov[h] += sc[(hb + h) * decode_tile + j] * vv;
-      }
-      for (std::size_t h = 0; h < HB; ++h) store(s.o + (hb + h) * stride + c * lanes, ov[h]);
+        for (std::size_t c = 0; c < cn; ++c)
+          store(s.o + (hb + h) * stride + (c0 + c) * lanes, ov[h][c]);
     }
   }
 }
@@ -146,9 +228,20 @@ void decode_task(const decode_args& a, std::size_t first, std::size_t count, flo
       const std::size_t n = std::min({decode_tile, it.end - s.t, in_page});
       const std::size_t kr = L.run_offset(sv.page_tokens, a.layer, 0, it.head);
       const std::size_t vr = L.run_offset(sv.page_tokens, a.layer, 1, it.head);
+      tile_prefetch pf;
+      {
+        const std::size_t pt = s.t + n;
+        if (pt < it.end) {
+          const std::size_t pn =
+              std::min({decode_tile, it.end - pt, sv.page_tokens - pt % sv.page_tokens});
+          pf.k = reinterpret_cast<const char*>(sv.row(kr, pt, rb));
+          pf.v = reinterpret_cast<const char*>(sv.row(vr, pt, rb));
+          pf.lines = (pn * rb + 63) / 64;
+        }
+      }
       const auto* K = rows<P>(sv.row(kr, s.t, rb), n, dim, rb, conv);
       const auto* V = rows<P>(sv.row(vr, s.t, rb), n, dim, rb, conv + decode_tile * dim);
-      decode_tile_update<P, D, HB>(s, K, V, n, g, dim, sc);
+      decode_tile_update<P, D, HB>(s, K, V, n, g, dim, sc, pf);
       s.t += n;
       active = active || s.t < it.end;
     }

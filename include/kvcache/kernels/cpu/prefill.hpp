@@ -3,8 +3,8 @@
 // of one KV head's group for several new tokens); it walks the KV tiles up to
 // its last position with an online softmax, so no N x N score matrix exists.
 // A KV tile is converted to fp32 once and used by every row of the group.
-// Tile products are hand-vectorised register-blocked loops; they measured
-// faster than Eigen's GEMM at these small, odd-shaped tiles.
+// Tile products are hand-vectorised register-blocked loops (tile_scores,
+// tile_accumulate), as fast as Eigen's GEMM at these shapes.
 #pragma once
 
 #include <cmath>
@@ -43,6 +43,60 @@ inline std::size_t prefill_rows_padded(std::size_t rows) noexcept { return (rows
 inline std::size_t prefill_scratch_floats(const kv_layout& L, std::size_t rows) noexcept {
   const std::size_t R = prefill_rows_padded(rows), D = L.head_dim, B = prefill_kv_tile;
   return 2 * R * D + R * B + 3 * D * B + 3 * R + 64;
+}
+
+//! S = Q Kt for one tile: Q (R, dim), Kt (dim, prefill_kv_tile), S (R,
+//! prefill_kv_tile); R a multiple of 4, dim of 16. Register-blocked four rows
+//! at a time. The same shapes through Eigen's GEMM measured no faster
+//! (benchmarks/tile_products.cpp), so the headers keep no Eigen dependency.
+KVCACHE_ALWAYS_INLINE void tile_scores(const float* Q, const float* Kt, float* S, std::size_t R,
+                                       std::size_t dim) noexcept {
+  using namespace simd;
+  constexpr std::size_t B = prefill_kv_tile, NB = B / lanes;
+  for (std::size_t r = 0; r < R; r += 4) {
+    vf acc[4][NB] = {};
+    for (std::size_t d = 0; d < dim; ++d) {
+      vf kt[NB];
+      for (std::size_t b = 0; b < NB; ++b) kt[b] = load(Kt + d * B + b * lanes);
+      for (std::size_t rr = 0; rr < 4; ++rr) {
+        const vf qv = splat(Q[(r + rr) * dim + d]);
+        for (std::size_t b = 0; b < NB; ++b) acc[rr][b] += qv * kt[b];
+      }
+    }
+    for (std::size_t rr = 0; rr < 4; ++rr)
+      for (std::size_t b = 0; b < NB; ++b) store(S + (r + rr) * B + b * lanes, acc[rr][b]);
+  }
+}
+
+//! O = O * corr + P V for one tile: P (R, prefill_kv_tile) of which the first
+//! nk columns count, V (nk, dim), O (R, dim), corr (R); R even. Two rows and
+//! up to 8 vectors of dims at a time.
+KVCACHE_ALWAYS_INLINE void tile_accumulate(const float* P, const float* V, float* O,
+                                           const float* corr, std::size_t R, std::size_t nk,
+                                           std::size_t dim) noexcept {
+  using namespace simd;
+  constexpr std::size_t B = prefill_kv_tile;
+  const std::size_t nc = dim / lanes;
+  for (std::size_t c0 = 0; c0 < nc; c0 += 8) {
+    const std::size_t cn = std::min<std::size_t>(8, nc - c0);
+    for (std::size_t r = 0; r < R; r += 2) {
+      vf acc[2][8];
+      for (std::size_t rr = 0; rr < 2; ++rr)
+        for (std::size_t c = 0; c < cn; ++c)
+          acc[rr][c] = load(O + (r + rr) * dim + (c0 + c) * lanes) * corr[r + rr];
+      for (std::size_t j = 0; j < nk; ++j) {
+        const vf p0 = splat(P[r * B + j]), p1 = splat(P[(r + 1) * B + j]);
+        for (std::size_t c = 0; c < cn; ++c) {
+          const vf vv = load(V + j * dim + (c0 + c) * lanes);
+          acc[0][c] += p0 * vv;
+          acc[1][c] += p1 * vv;
+        }
+      }
+      for (std::size_t rr = 0; rr < 2; ++rr)
+        for (std::size_t c = 0; c < cn; ++c)
+          store(O + (r + rr) * dim + (c0 + c) * lanes, acc[rr][c]);
+    }
+  }
 }
 
 template <class P, std::size_t D>
@@ -100,20 +154,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
         store(Vf + j * dim + c * lanes, load(v + c * lanes));
       }
     }
-    // S = Q Kt, four rows at a time.
-    for (std::size_t r = 0; r < R; r += 4) {
-      vf acc[4][NB] = {};
-      for (std::size_t d = 0; d < dim; ++d) {
-        vf kt[NB];
-        for (std::size_t b = 0; b < NB; ++b) kt[b] = load(Kt + d * B + b * lanes);
-        for (std::size_t rr = 0; rr < 4; ++rr) {
-          const vf qv = splat(Q[(r + rr) * dim + d]);
-          for (std::size_t b = 0; b < NB; ++b) acc[rr][b] += qv * kt[b];
-        }
-      }
-      for (std::size_t rr = 0; rr < 4; ++rr)
-        for (std::size_t b = 0; b < NB; ++b) store(S + (r + rr) * B + b * lanes, acc[rr][b]);
-    }
+    tile_scores(Q, Kt, S, R, dim);
     // Causal mask and online softmax per row.
     for (std::size_t r = 0; r < R; ++r) {
       float* s = S + r * B;
@@ -138,27 +179,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
       l[r] = l[r] * corr[r] + reduce_add(sum);
       m[r] = mn;
     }
-    // O = O * corr + P V, two rows and up to 8 vectors of dims at a time.
-    for (std::size_t c0 = 0; c0 < nc; c0 += 8) {
-      const std::size_t cn = std::min<std::size_t>(8, nc - c0);
-      for (std::size_t r = 0; r < R; r += 2) {
-        vf acc[2][8];
-        for (std::size_t rr = 0; rr < 2; ++rr)
-          for (std::size_t c = 0; c < cn; ++c)
-            acc[rr][c] = load(O + (r + rr) * dim + (c0 + c) * lanes) * corr[r + rr];
-        for (std::size_t j = 0; j < nk; ++j) {
-          const vf p0 = splat(S[r * B + j]), p1 = splat(S[(r + 1) * B + j]);
-          for (std::size_t c = 0; c < cn; ++c) {
-            const vf vv = load(Vf + j * dim + (c0 + c) * lanes);
-            acc[0][c] += p0 * vv;
-            acc[1][c] += p1 * vv;
-          }
-        }
-        for (std::size_t rr = 0; rr < 2; ++rr)
-          for (std::size_t c = 0; c < cn; ++c)
-            store(O + (r + rr) * dim + (c0 + c) * lanes, acc[rr][c]);
-      }
-    }
+    tile_accumulate(S, Vf, O, corr, R, nk, dim);
   }
   for (std::size_t r = 0; r < nrows; ++r) {
     const std::size_t tok = it.row_begin + r / g, h = it.head * g + r % g;
