@@ -84,7 +84,13 @@ inline work_plan make_plan(const kv_layout& layout, const std::vector<seq_view>&
     const auto& s = seqs[i];
     for (std::uint32_t h = 0; h < layout.kv_heads; ++h) {
       if (s.q_len == 1) {
-        for (std::size_t b = begin(i); b < s.kv_len; b += chunk)
+        // Sinks are an item of their own: they may read another query (cache.hpp).
+        std::size_t b = begin(i);
+        if (b < s.sink_len && s.sink_len < s.kv_len) {
+          plan.decode.push_back({i, h, b, s.sink_len});
+          b = s.sink_len;
+        }
+        for (; b < s.kv_len; b += chunk)
           plan.decode.push_back({i, h, b, std::min(s.kv_len, b + chunk)});
         plan.decode_groups.push_back(plan.decode.size());
       } else {

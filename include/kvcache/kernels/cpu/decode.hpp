@@ -31,8 +31,11 @@ struct decode_args {
   const seq_view* seqs;
   const work_plan* plan;
   const float* qs;  // (decode group, g, dim)   queries pre-multiplied by the scale
-  float* partial;   // (decode item, g, dim + 1) normalised output, then lse
-  float* scratch;   // (worker, scratch_floats)
+  //! (decode group, g, dim) the queries items over a sequence's sinks read
+  //! (rotated at the query's cache position); null: qs.
+  const float* qs_sink;
+  float* partial;  // (decode item, g, dim + 1) normalised output, then lse
+  float* scratch;  // (worker, scratch_floats)
   std::size_t scratch_floats;
 };
 
@@ -206,7 +209,9 @@ void decode_task(const decode_args& a, std::size_t first, std::size_t count, flo
     const std::size_t grp =
         std::upper_bound(groups.begin(), groups.end(), idx) - groups.begin() - 1;
     st[i].item = &a.plan->decode[idx];
-    st[i].q = a.qs + grp * g * dim;
+    const float* qs =
+        a.qs_sink && st[i].item->end <= a.seqs[st[i].item->seq].sink_len ? a.qs_sink : a.qs;
+    st[i].q = qs + grp * g * dim;
     st[i].o = a.partial + idx * g * stride;
     st[i].m = ml + i * 2 * g;
     st[i].l = st[i].m + g;
@@ -224,16 +229,14 @@ void decode_task(const decode_args& a, std::size_t first, std::size_t count, flo
       const decode_item& it = *s.item;
       if (s.t >= it.end) continue;
       const seq_view& sv = a.seqs[it.seq];
-      const std::size_t in_page = sv.page_tokens - s.t % sv.page_tokens;
-      const std::size_t n = std::min({decode_tile, it.end - s.t, in_page});
+      const std::size_t n = std::min({decode_tile, it.end - s.t, sv.run(s.t)});
       const std::size_t kr = L.run_offset(sv.page_tokens, a.layer, 0, it.head);
       const std::size_t vr = L.run_offset(sv.page_tokens, a.layer, 1, it.head);
       tile_prefetch pf;
       {
         const std::size_t pt = s.t + n;
         if (pt < it.end) {
-          const std::size_t pn =
-              std::min({decode_tile, it.end - pt, sv.page_tokens - pt % sv.page_tokens});
+          const std::size_t pn = std::min({decode_tile, it.end - pt, sv.run(pt)});
           pf.k = reinterpret_cast<const char*>(sv.row(kr, pt, rb));
           pf.v = reinterpret_cast<const char*>(sv.row(vr, pt, rb));
           pf.lines = (pn * rb + 63) / 64;
