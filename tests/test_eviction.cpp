@@ -51,7 +51,8 @@ template <class Cache>
 struct window_model {
   Cache kv;
   std::mt19937_64 rng;
-  std::size_t layers, qh, kvh, dim, S, W;
+  std::size_t layers, qh, kvh, dim, S = 0, W = 0;
+  typename Cache::eviction policy;
   rope_config rope;
   std::vector<double> freqs;
   bool cache_positions;
@@ -67,10 +68,26 @@ struct window_model {
         dim(kv.layout().head_dim),
         rope(cfg.rope),
         freqs(ref_freqs(cfg.rope)),
+        policy(make_policy(cfg)),
         cache_positions(detail::positions_of<typename Cache::eviction>() == rope_positions::cache) {
-    typename Cache::eviction e(eviction_config{cfg.sinks, cfg.window});
-    S = e.sinks();
-    W = e.window();
+    if constexpr (windowed_eviction<typename Cache::eviction>) {
+      S = policy.sinks();
+      W = policy.window();
+    }
+  }
+  static typename Cache::eviction make_policy(const cache_config& c) {
+    if constexpr (std::is_constructible_v<typename Cache::eviction, const eviction_config&>)
+      return typename Cache::eviction(eviction_config{c.sinks, c.window});
+    else
+      return {};
+  }
+  //! The prefill mask beyond causality: windowed policies' sinks U (p - W, p];
+  //! a scattered policy's queries see every token of the step's cache.
+  bool visible(std::size_t key, std::size_t p) const {
+    if constexpr (windowed_eviction<typename Cache::eviction>)
+      return key < S || key + W > p;
+    else
+      return true;
   }
 
   seq_id add(std::size_t capacity = 0) {
@@ -92,7 +109,7 @@ struct window_model {
   std::vector<std::size_t> kept(std::size_t L) const {
     std::vector<std::size_t> p;
     for (std::size_t i = 0; i < L; ++i)
-      if (i < S || i + W > L) p.push_back(i);
+      if (policy.keep(i, L + 1)) p.push_back(i);
     return p;
   }
 
@@ -158,7 +175,7 @@ struct window_model {
           Eigen::VectorXd qv = Eigen::Map<Eigen::VectorXd>(qr.data(), dim);
           Eigen::VectorXd s = Km * qv * scale;
           for (std::size_t c = 0; c < list.size(); ++c)
-            if (!(list[c] <= p && (list[c] < S || list[c] + W > p)))
+            if (!(list[c] <= p && visible(list[c], p)))
               s(c) = -std::numeric_limits<double>::infinity();
           const double m = s.maxCoeff();
           Eigen::VectorXd e = (s.array() - m).exp();
@@ -456,4 +473,53 @@ TEST_CASE("windowed policies' keep() is the mask the cache applies", "[eviction]
   CHECK(w.sinks() == 0);
   CHECK_FALSE(w.keep(0, 6));
   CHECK(w.keep(1, 6));
+}
+
+namespace {
+//! Keeps every K-th token plus the newest W (a scattered eviction: the kept
+//! tokens are not one window, so keys' cache positions shift as tokens leave).
+template <std::size_t K, std::size_t W, rope_positions Pos>
+struct strided_window {
+  using axis = eviction_tag;
+  static constexpr std::string_view name = "strided_window";
+  static constexpr bool evicts = true;
+  static constexpr rope_positions positions = Pos;
+  static constexpr bool keep(std::size_t p, std::size_t length) noexcept {
+    return p % K == 0 || p + W >= length;
+  }
+};
+
+template <class Cache>
+void check_scattered(const rope_config& rope) {
+  const auto seed = kvtest::test_seed();
+  INFO("seed " << seed << " (set KVCACHE_TEST_SEED to reproduce)");
+  window_model<Cache> m(
+      {.layers = 2, .q_heads = 4, .kv_heads = 2, .max_tokens = 1024, .threads = 2, .rope = rope},
+      seed);
+  auto a = m.add(400), b = m.add(400);
+  CHECK(m.run({{a, 40}, {b, 3}}) <= 1e-5);
+  std::mt19937_64 pick(seed);
+  for (int i = 0; i < 150; ++i) {
+    const std::size_t n = pick() % 6 == 0 ? 1 + pick() % 30 : 1;
+    INFO("step " << i << " length " << m.kv.length(a) << " append " << n);
+    CHECK(m.run({{a, n}, {b, 1}}) <= 1e-5);
+  }
+  CHECK(m.kv.kept(a) < m.kv.length(a));
+  // Truncating below a dropped token the shorter sequence would keep fails.
+  const std::size_t len = m.kv.length(a);
+  CHECK_THROWS_WITH(m.kv.truncate(a, len - 12), Contains("strided_window eviction dropped"));
+  CHECK(m.kv.length(a) == len);
+}
+}  // namespace
+
+TEST_CASE("a scattered custom eviction is exact with RoPE read at cache positions",
+          "[eviction][rope]") {
+  check_scattered<cache<gqa<64>, contiguous, strided_window<5, 12, rope_positions::cache>, fp32>>(
+      llama_rope(64));
+  check_scattered<cache<gqa<64>, contiguous, strided_window<5, 12, rope_positions::cache>, fp32>>(
+      llama_rope(32, true));
+  check_scattered<cache<gqa<64>, contiguous, strided_window<3, 9, rope_positions::absolute>, fp32>>(
+      llama_rope(64));
+  check_scattered<cache<gqa<64>, contiguous, strided_window<4, 16, rope_positions::cache>, fp32>>(
+      rope_config{});
 }

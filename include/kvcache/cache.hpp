@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <span>
 #include <string_view>
@@ -125,9 +126,10 @@ class cache {
   static_assert(!E::evicts || S::supports_eviction,
                 "This eviction policy drops tokens, and this storage policy cannot reuse the "
                 "slots of dropped tokens.");
-  static_assert(!E::evicts || windowed_eviction<E>,
-                "An evicting policy must so far be windowed (sinks() and window(), see "
-                "windowed_eviction in concepts.hpp); the cache keeps sinks and a window.");
+  static_assert(!E::evicts || windowed_eviction<E> || !sharing_storage<S>,
+                "An evicting policy that keeps scattered tokens (not windowed_eviction) needs "
+                "storage without shared pages (contiguous): the cache compacts the kept tokens "
+                "in place.");
   static_assert(G::head_dim == dynamic || (G::head_dim > 0 && G::head_dim % 16 == 0),
                 "A static head_dim must be a positive multiple of 16: the kernels read rows "
                 "in 16-lane vectors.");
@@ -178,6 +180,16 @@ class cache {
   seq_id add_sequence(std::size_t capacity = 0) {
     if (capacity == 0) capacity = cfg_.max_seq_len;
     check_window_capacity(capacity);
+    if (keys_rotated_on_read() && rope_table_.size() < capacity * cfg_.rope.rotary_dim) {
+      // cos, sin of every cache position a sequence can reach, for the kernels.
+      std::vector<float> t(capacity * cfg_.rope.rotary_dim);
+      detail::rope_angles a;
+      for (std::size_t p = 0; p < capacity; ++p) {
+        a.at(freqs_, p);
+        std::copy(a.cs.begin(), a.cs.end(), t.begin() + p * cfg_.rope.rotary_dim);
+      }
+      rope_table_.swap(t);
+    }
     seqs_.reserve(seqs_.size() + 1);  // the only allocation that could throw after create
     publish_pending();
     return insert({store_.create(capacity), 0, sinks()});
@@ -210,8 +222,21 @@ class cache {
                       " eviction dropped positions ", ns, "..", s.w0 - 1, " and ", n,
                       " tokens need every position from ", need);
     }
+    std::size_t keep_n = 0;  // scattered: kept tokens below n
+    if constexpr (scattered) {
+      keep_n =
+          static_cast<std::size_t>(std::lower_bound(s.pos.begin(), s.pos.end(), n) - s.pos.begin());
+      for (std::size_t p = 0, i = 0; p < n; ++p) {
+        const bool here = i < keep_n && s.pos[i] == p;
+        i += here;
+        detail::require(here || !evict_.keep(p, n + 1), "cannot truncate sequence ",
+                        static_cast<std::uint64_t>(id), " to ", n, " tokens: ", E::name,
+                        " eviction dropped position ", p, ", which ", n, " tokens keep");
+      }
+    }
     publish_pending();
     store_.truncate(s.region, s.length, n);
+    if constexpr (scattered) s.pos.resize(keep_n);
     s.length = n;
     if constexpr (windowed)
       if (n <= sinks()) s.w0 = sinks();
@@ -345,13 +370,31 @@ class cache {
       detail::require(a.tokens > 0, "sequence ", id,
                       " appends 0 tokens; a step appends at least 1");
       const std::size_t cap = store_.capacity(s.region);
-      const std::size_t held = kept_of(s, evict_to(s));
+      const std::size_t held = kept_of(s, evict_to(s));  // scattered: every kept token, for now
       detail::require(a.tokens <= cap - held, "sequence ", id, " holds ", held, " tokens; ",
                       a.tokens, " more exceed its capacity of ", cap, " under ", E::name,
                       " eviction");
       detail::require(a.ids.empty() || a.ids.size() == a.tokens, "sequence ", id, " appends ",
                       a.tokens, " tokens with ", a.ids.size(),
                       " token ids; give one id per token or none");
+    }
+    // Scattered eviction: the positions each sequence keeps once this step's
+    // first query is at its length (allocated before anything changes).
+    std::vector<std::vector<std::size_t>> survivors;
+    if constexpr (scattered) {
+      survivors.resize(appends.size());
+      for (std::size_t i = 0; i < appends.size(); ++i) {
+        const sequence& s = *seen[i];
+        survivors[i].reserve(s.pos.size() + appends[i].tokens);
+        for (std::size_t p : s.pos)
+          if (evict_.keep(p, s.length + 1)) survivors[i].push_back(p);
+        const std::size_t cap = store_.capacity(s.region);
+        detail::require(appends[i].tokens <= cap - survivors[i].size(), "sequence ",
+                        static_cast<std::uint64_t>(appends[i].seq), " holds ", survivors[i].size(),
+                        " tokens; ", appends[i].tokens, " more exceed its capacity of ", cap,
+                        " under ", E::name, " eviction");
+        for (std::size_t t = 0; t < appends[i].tokens; ++t) survivors[i].push_back(s.length + t);
+      }
     }
     publish_pending();
     std::size_t pages = 0;
@@ -366,7 +409,9 @@ class cache {
     bool sink_q = false;
     for (std::size_t i = 0; i < appends.size(); ++i) {
       const sequence& s = *seen[i];
-      const std::size_t w0 = evict_to(s), held = kept_of(s, w0);
+      const std::size_t w0 = evict_to(s);
+      std::size_t held = kept_of(s, w0);
+      if constexpr (scattered) held = survivors[i].size() - appends[i].tokens;
       seq_view v;
       v.pages = store_.pages(s.region);  // final after prepare: grow keeps the table's storage
       v.page_tokens = store_.page_tokens(s.region);
@@ -378,6 +423,11 @@ class cache {
         v.sink_len = std::min(sinks(), s.length + appends[i].tokens);
         v.window = evict_.window();
         sink_q = sink_q || (w0 > sinks() && v.sink_len > 0);
+      }
+      if (keys_rotated_on_read()) {
+        v.rope_cs = rope_table_.data();
+        v.rotary_dim = cfg_.rope.rotary_dim;
+        v.rope_interleaved = cfg_.rope.interleaved;
       }
       st.seqs_.push_back(v);
       st.tokens_ += appends[i].tokens;
@@ -398,6 +448,8 @@ class cache {
         store_.grow(s.region, s.length, appends[i].tokens,
                     {});  // evicting pages are never published
         store_.window_view(s.region, sinks(), st.seqs_[i].sink_len, s.w0, st.seqs_[i]);
+      } else if constexpr (scattered) {
+        compact(s, survivors[i]);
       } else {
         store_.grow(s.region, s.length, appends[i].tokens, appends[i].ids);
       }
@@ -416,7 +468,7 @@ class cache {
     check_step(layer, st);
     detail::check_view(k, "k", {st.tokens_, layout_.kv_heads, layout_.head_dim});
     detail::check_view(v, "v", {st.tokens_, layout_.kv_heads, layout_.head_dim});
-    if (cfg_.rope.rotary_dim) {
+    if (cfg_.rope.rotary_dim && !keys_rotated_on_read()) {
       // Keys are stored rotated at their absolute positions in both position
       // modes; rope_positions::cache then rotates the sinks' queries instead
       // (see plan_rope).
@@ -514,11 +566,54 @@ class cache {
  private:
   using region_t = typename storage_state_type::region;
   static constexpr bool windowed = windowed_eviction<E>;
+  static constexpr bool scattered = E::evicts && !windowed;
   struct sequence {
     region_t region;
-    std::size_t length = 0;  // tokens appended (absolute positions 0..length - 1)
-    std::size_t w0 = 0;      // windowed: first kept position past the sinks (>= sinks)
+    std::size_t length = 0;          // tokens appended (absolute positions 0..length - 1)
+    std::size_t w0 = 0;              // windowed: first kept position past the sinks (>= sinks)
+    std::vector<std::size_t> pos{};  // scattered: kept tokens' positions, in cache order
   };
+
+  //! Scattered eviction with cache positions: keys are stored unrotated and
+  //! the kernels rotate each key at its cache index as they read it (their
+  //! cache indices change whenever an older token leaves).
+  bool keys_rotated_on_read() const noexcept {
+    return scattered && cfg_.rope.rotary_dim && detail::positions_of<E>() == rope_positions::cache;
+  }
+
+  //! Moves the kept rows down over the evicted ones (slot = cache index),
+  //! oldest first so that no row is overwritten before it moves.
+  void compact(sequence& s, std::vector<std::size_t>& next) noexcept {
+    std::size_t j = 0, first_gap = s.pos.size();
+    for (std::size_t i = 0; i < s.pos.size(); ++i) {
+      if (j < next.size() && next[j] == s.pos[i]) {
+        ++j;
+      } else {
+        first_gap = i;
+        break;
+      }
+    }
+    if (first_gap < s.pos.size()) {
+      seq_view v;  // identity map: slot = cache index
+      v.pages = store_.pages(s.region);
+      v.page_tokens = store_.page_tokens(s.region);
+      const std::size_t rb = layout_.row_bytes;
+      for (std::size_t l = 0; l < layout_.layers; ++l)
+        for (std::size_t kind = 0; kind < 2; ++kind)
+          for (std::size_t h = 0; h < layout_.kv_heads; ++h) {
+            const std::size_t run = layout_.run_offset(v.page_tokens, l, kind, h);
+            std::size_t to = first_gap, k = first_gap;
+            for (std::size_t i = first_gap; i < s.pos.size(); ++i) {
+              while (k < next.size() && next[k] < s.pos[i]) ++k;
+              if (k < next.size() && next[k] == s.pos[i]) {
+                if (to != i) std::memmove(v.row(run, to, rb), v.row(run, i, rb), rb);
+                ++to;
+              }
+            }
+          }
+    }
+    s.pos.swap(next);
+  }
 
   static E make_eviction(const cache_config& c) {
     if constexpr (std::is_constructible_v<E, const eviction_config&>)
@@ -543,7 +638,9 @@ class cache {
     }
   }
   std::size_t kept_of(const sequence& s, std::size_t w0) const noexcept {
-    if constexpr (windowed)
+    if constexpr (scattered)
+      return s.pos.size();
+    else if constexpr (windowed)
       return std::min(s.length, sinks()) + (s.length > w0 ? s.length - w0 : 0);
     else
       return s.length;
@@ -576,7 +673,7 @@ class cache {
     for (std::size_t i = 0; i < st.seqs_.size(); ++i)
       for (std::size_t t = 0; t < st.seqs_[i].q_len; ++t) {
         const std::size_t row = st.seqs_[i].q_begin + t;
-        a.at(freqs_, seen[i]->length + t);
+        a.at(freqs_, keys_rotated_on_read() ? st.seqs_[i].first_pos + t : seen[i]->length + t);
         std::copy(a.cs.begin(), a.cs.end(), st.angles_.begin() + row * 2 * half);
         if (by_cache) {
           a.at(freqs_, st.seqs_[i].first_pos + t);
@@ -730,6 +827,7 @@ class cache {
   std::vector<float> scratch_, partial_, qs_, qs_sink_, cascade_, lse_;
   std::vector<float> krot_, qrot_, qsink_;  // RoPE-rotated copies of this step's k and q
   std::vector<double> freqs_;               // (rotary_dim / 2) RoPE frequencies
+  std::vector<float> rope_table_;  // (cache positions, rotary_dim / 2, 2) keys read rotated
   std::size_t scratch_floats_ = 0;
 };
 

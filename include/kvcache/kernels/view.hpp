@@ -63,6 +63,13 @@ struct seq_view {
   //! and (i < sink_len or i + window > j); 0: no window. (Cache indices of
   //! window tokens differ by their distance in the sequence.)
   std::size_t window = 0;
+  //! Keys stored unrotated, rotated by the kernel as it reads them, at their
+  //! cache index: (cache index, rotary_dim / 2, 2) cos, sin; null: keys are
+  //! read as stored. Only a scattered eviction with cache positions sets it,
+  //! and its sequences take the prefill kernel even to decode.
+  const float* rope_cs = nullptr;
+  std::size_t rotary_dim = 0;
+  bool rope_interleaved = false;
 
   KVCACHE_HOST_DEVICE std::size_t slot(std::size_t token) const noexcept {
     if (token < sink_len) return token;

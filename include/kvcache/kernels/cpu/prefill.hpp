@@ -102,6 +102,17 @@ KVCACHE_ALWAYS_INLINE void tile_accumulate(const float* P, const float* V, float
   }
 }
 
+//! Rotates a key row in place (rope.hpp's pairing, angles precomputed).
+inline void rope_row(float* x, const float* cs, std::size_t rotary_dim, bool interleaved) noexcept {
+  const std::size_t half = rotary_dim / 2;
+  for (std::size_t i = 0; i < half; ++i) {
+    const std::size_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const float c = cs[2 * i], s = cs[2 * i + 1], x0 = x[a], x1 = x[b];
+    x[a] = x0 * c - x1 * s;
+    x[b] = x1 * c + x0 * s;
+  }
+}
+
 template <class P, std::size_t D>
 void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scratch) {
   using namespace simd;
@@ -169,6 +180,17 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
       }
       const auto* k = rows<P>(sv.row(kr, k0 + j, rb), 1, dim, rb, conv);
       const auto* v = rows<P>(sv.row(vr, k0 + j, rb), 1, dim, rb, conv + dim);
+      if (sv.rope_cs) {  // RoPE on read, at the key's cache index
+        float* kf = conv + 2 * dim;
+        for (std::size_t c = 0; c < nc; ++c) store(kf + c * lanes, load(k + c * lanes));
+        rope_row(kf, sv.rope_cs + (k0 + j) * sv.rotary_dim, sv.rotary_dim, sv.rope_interleaved);
+        for (std::size_t c = 0; c < nc; ++c) {
+          const vf kv = load(kf + c * lanes);
+          for (std::size_t i = 0; i < lanes; ++i) Kt[(c * lanes + i) * B + j] = kv[i];
+          store(Vf + j * dim + c * lanes, load(v + c * lanes));
+        }
+        continue;
+      }
       for (std::size_t c = 0; c < nc; ++c) {
         const vf kv = load(k + c * lanes);
         for (std::size_t i = 0; i < lanes; ++i) Kt[(c * lanes + i) * B + j] = kv[i];
