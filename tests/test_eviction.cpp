@@ -52,9 +52,9 @@ struct window_model {
   Cache kv;
   std::mt19937_64 rng;
   std::size_t layers, qh, kvh, dim, S = 0, W = 0;
-  typename Cache::eviction policy;
   rope_config rope;
   std::vector<double> freqs;
+  typename Cache::eviction policy;
   bool cache_positions;
   // Every appended token's raw K and V per sequence and layer: (tokens, kvh, dim).
   std::map<seq_id, std::vector<std::vector<float>>> K, V;
@@ -504,6 +504,7 @@ void check_scattered(const rope_config& rope) {
     INFO("step " << i << " length " << m.kv.length(a) << " append " << n);
     CHECK(m.run({{a, n}, {b, 1}}) <= 1e-5);
   }
+  for (int i = 0; i < 20; ++i) CHECK(m.run({{a, 1}}) <= 1e-5);
   CHECK(m.kv.kept(a) < m.kv.length(a));
   // Truncating below a dropped token the shorter sequence would keep fails.
   const std::size_t len = m.kv.length(a);
