@@ -77,7 +77,7 @@ struct window_model {
   }
   static typename Cache::eviction make_policy(const cache_config& c) {
     if constexpr (std::is_constructible_v<typename Cache::eviction, const eviction_config&>)
-      return typename Cache::eviction(eviction_config{c.sinks, c.window});
+      return typename Cache::eviction(eviction_config{c.sinks, c.window, c.sparse});
     else
       return {};
   }
@@ -86,6 +86,8 @@ struct window_model {
   bool visible(std::size_t key, std::size_t p) const {
     if constexpr (windowed_eviction<typename Cache::eviction>)
       return key < S || key + W > p;
+    else if constexpr (sparse_selection<typename Cache::eviction>)
+      return policy.visible(key, p);
     else
       return true;
   }
@@ -523,4 +525,53 @@ TEST_CASE("a scattered custom eviction is exact with RoPE read at cache position
       llama_rope(64));
   check_scattered<cache<gqa<64>, contiguous, strided_window<4, 16, rope_positions::cache>, fp32>>(
       rope_config{});
+}
+
+namespace {
+template <class Cache>
+void check_sparse(const rope_config& rope) {
+  using P = typename Cache::precision;
+  const auto seed = kvtest::test_seed();
+  INFO("seed " << seed << " (set KVCACHE_TEST_SEED to reproduce)");
+  INFO(Cache::storage::name << " " << P::name);
+  window_model<Cache> m(
+      {.layers = 2,
+       .q_heads = 4,
+       .kv_heads = 2,
+       .max_tokens = 3200,
+       .threads = 2,
+       .page_tokens = std::is_same_v<typename Cache::storage, paged<>> ? 8u : 0u,
+       .sparse = {.globals = 3, .window = 10, .block = 8, .random = 2, .seed = seed},
+       .rope = rope},
+      seed);
+  auto a = m.add(1500), b = m.add(1500);
+  // Prefill as a mask (a long prompt, then chunks), decode as a selection.
+  CHECK(m.run({{a, 150}, {b, 2}}) <= P::tolerance);
+  std::mt19937_64 pick(seed);
+  for (int i = 0; i < 120; ++i) {
+    const std::size_t n = pick() % 5 == 0 ? 2 + pick() % 40 : 1;
+    INFO("step " << i << " length " << m.kv.length(a) << " append " << n);
+    CHECK(m.run({{a, n}, {b, 1}}) <= P::tolerance);
+  }
+  CHECK(m.kv.kept(a) == m.kv.length(a));  // every token kept: only reads are sparse
+}
+}  // namespace
+
+TEST_CASE("sparse_pattern matches the masked float64 reference in prefill and decode", "[sparse]") {
+  check_sparse<cache<gqa<64>, contiguous, sparse_pattern, fp32>>(rope_config{});
+  check_sparse<cache<gqa<64>, paged<>, sparse_pattern, fp16>>(llama_rope(64));
+  CHECK_THROWS_WITH(
+      (cache<gqa<64>, contiguous, sparse_pattern, fp32>({.layers = 1,
+                                                         .q_heads = 2,
+                                                         .kv_heads = 1,
+                                                         .max_tokens = 64,
+                                                         .sparse = {.globals = 1, .window = 0}})),
+      Contains("sparse window is 0"));
+  sparse_pattern p(eviction_config{.sparse = {.window = 4, .block = 16, .random = 3, .seed = 9}});
+  for (std::size_t qb = 0; qb < 40; ++qb) {
+    const auto r = p.random_blocks(qb);
+    CHECK(r.size() == std::min<std::size_t>(3, qb));
+    CHECK(r == p.random_blocks(qb));  // seeded: the same every time
+    for (std::size_t b : r) CHECK(b < qb);
+  }
 }

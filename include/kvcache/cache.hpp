@@ -62,6 +62,8 @@ struct cache_config {
   //! attention_sinks / sliding_window with a `dynamic` sink count or window.
   std::size_t sinks = 0;
   std::size_t window = 0;
+  //! sparse_pattern's global tokens, local window, random blocks and seed.
+  sparse_config sparse{};
   //! Rotary embeddings the cache applies to q and k (rotary_dim 0: none; the
   //! caller then passes rotated q and k). Where keys are rotated to is the
   //! eviction policy's `positions` (docs/eviction.md).
@@ -113,8 +115,11 @@ class step {
   std::vector<seq_view> seqs_;
   detail::work_plan plan_;
   detail::cascade_plan cascade_;
-  std::vector<float> angles_;       // (tokens, rotary_dim / 2, 2) RoPE at each row's position
-  std::vector<float> sink_angles_;  // (tokens, rotary_dim / 2, 2) ... at its cache position
+  std::vector<float> angles_;        // (tokens, rotary_dim / 2, 2) RoPE at each row's position
+  std::vector<float> sink_angles_;   // (tokens, rotary_dim / 2, 2) ... at its cache position
+  std::vector<sparse_view> sparse_;  // (sequences) sparse reads, when the policy is sparse
+  std::vector<std::uint8_t> sparse_mask_;   // the sparse views' masks
+  std::vector<std::size_t> sparse_ranges_;  // the sparse views' decode ranges
   std::size_t tokens_ = 0;
   std::uint64_t epoch_ = 0;
   const void* owner_ = nullptr;
@@ -432,7 +437,8 @@ class cache {
       st.seqs_.push_back(v);
       st.tokens_ += appends[i].tokens;
     }
-    if constexpr (sharing_storage<S> && !E::evicts)
+    if constexpr (sparse_selection<E>) plan_sparse(st);
+    if constexpr (sharing_storage<S> && !E::evicts && !sparse_selection<E>)
       st.cascade_ = detail::make_cascade_plan(layout_, st.seqs_, cfg_.cascade_min_tokens);
     if (cfg_.rope.rotary_dim) plan_rope(st, seen, sink_q);
     st.plan_ = detail::make_plan(layout_, st.seqs_, st.cascade_.decode_begin);
@@ -617,7 +623,7 @@ class cache {
 
   static E make_eviction(const cache_config& c) {
     if constexpr (std::is_constructible_v<E, const eviction_config&>)
-      return E(eviction_config{c.sinks, c.window});
+      return E(eviction_config{c.sinks, c.window, c.sparse});
     else
       return E{};
   }
@@ -680,6 +686,56 @@ class cache {
           std::copy(a.cs.begin(), a.cs.end(), st.sink_angles_.begin() + row * 2 * half);
         }
       }
+  }
+
+  //! Block-sparse reads of each sequence of the step: the random-block mask
+  //! of every query block the step's rows fall in, and for a decode row the
+  //! token ranges it reads (globals, random blocks, local window; merged).
+  void plan_sparse(step& st) const {
+    const std::size_t ng = evict_.globals(), wl = evict_.local_window(), bs = evict_.block();
+    const std::size_t n = st.seqs_.size();
+    st.sparse_.resize(n);
+    std::vector<std::size_t> mask_off(n), range_off(n);
+    std::vector<std::pair<std::size_t, std::size_t>> iv;
+    for (std::size_t i = 0; i < n; ++i) {
+      const seq_view& v = st.seqs_[i];
+      const std::size_t last = v.kv_len - 1, qb0 = v.first_pos / bs, qb1 = last / bs;
+      sparse_view& sp = st.sparse_[i];
+      sp.globals = ng;
+      sp.window = wl;
+      sp.block = bs;
+      sp.first_qblock = qb0;
+      sp.kblocks = qb1 + 1;
+      mask_off[i] = st.sparse_mask_.size();
+      st.sparse_mask_.resize(mask_off[i] + (qb1 - qb0 + 1) * sp.kblocks, 0);
+      for (std::size_t qb = qb0; qb <= qb1; ++qb)
+        for (std::size_t kb : evict_.random_blocks(qb))
+          st.sparse_mask_[mask_off[i] + (qb - qb0) * sp.kblocks + kb] = 1;
+      range_off[i] = st.sparse_ranges_.size();
+      if (v.q_len != 1) continue;
+      iv.clear();
+      if (last < ng) {
+        iv.push_back({0, last + 1});
+      } else {
+        if (ng) iv.push_back({0, ng});
+        for (std::size_t kb : evict_.random_blocks(qb1)) iv.push_back({kb * bs, kb * bs + bs});
+        iv.push_back({last + 1 > wl ? last + 1 - wl : 0, last + 1});
+      }
+      std::sort(iv.begin(), iv.end());
+      for (std::size_t j = 0; j < iv.size(); ++j) {
+        const std::size_t m = st.sparse_ranges_.size();
+        if (m > range_off[i] && iv[j].first <= st.sparse_ranges_[m - 1])
+          st.sparse_ranges_[m - 1] = std::max(st.sparse_ranges_[m - 1], iv[j].second);
+        else
+          st.sparse_ranges_.insert(st.sparse_ranges_.end(), {iv[j].first, iv[j].second});
+      }
+      sp.nranges = (st.sparse_ranges_.size() - range_off[i]) / 2;
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      st.sparse_[i].mask = st.sparse_mask_.data() + mask_off[i];
+      st.sparse_[i].ranges = st.sparse_ranges_.data() + range_off[i];
+      st.seqs_[i].sparse = &st.sparse_[i];
+    }
   }
 
   //! x rotated row by row at the step's angles, into buf: (tokens, heads, dim).

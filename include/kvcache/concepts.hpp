@@ -11,6 +11,7 @@
 #include <span>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "config.hpp"
 #include "kernels/view.hpp"
@@ -75,11 +76,21 @@ concept precision_policy = requires(const float* src, float* dst, std::byte* out
 //!            window are gone.
 enum class rope_positions { absolute, cache };
 
+//! Block-sparse reads (Longformer / BigBird) on a full cache: sparse_pattern.
+struct sparse_config {
+  std::size_t globals = 0;  // positions 0..globals - 1 are global tokens
+  std::size_t window = 0;   // local window: positions (p - window, p]
+  std::size_t block = 64;   // random blocks' size, in tokens
+  std::size_t random = 0;   // random blocks per query block
+  std::uint64_t seed = 0;
+};
+
 //! Runtime sizes of an eviction policy (from cache_config): what a `dynamic`
-//! sink count or window takes.
+//! sink count or window takes, and a sparse pattern's sizes.
 struct eviction_config {
   std::size_t sinks = 0;
   std::size_t window = 0;
+  sparse_config sparse{};
 };
 
 //! eviction_policy<E>: which tokens stay in the cache.
@@ -116,6 +127,17 @@ template <class E>
 concept windowed_eviction = eviction_policy<E> && requires(const E& e) {
   { e.sinks() } -> std::same_as<std::size_t>;
   { e.window() } -> std::same_as<std::size_t>;
+};
+
+//! sparse_selection<E>: a non-evicting policy whose queries read a
+//! block-sparse selection of the cache (sparse.hpp): global tokens, a local
+//! window, and random_blocks(query block) of block() tokens each.
+template <class E>
+concept sparse_selection = eviction_policy<E> && !E::evicts && requires(const E& e, std::size_t n) {
+  { e.globals() } -> std::same_as<std::size_t>;
+  { e.local_window() } -> std::same_as<std::size_t>;
+  { e.block() } -> std::same_as<std::size_t>;
+  { e.random_blocks(n) } -> std::convertible_to<std::vector<std::size_t>>;
 };
 
 namespace detail {

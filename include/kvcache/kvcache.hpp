@@ -7,6 +7,7 @@
 #include "config.hpp"
 #include "error.hpp"
 #include "eviction/full.hpp"
+#include "eviction/sparse.hpp"
 #include "eviction/window.hpp"
 #include "grouping/heads.hpp"
 #include "half.hpp"

@@ -85,6 +85,14 @@ inline work_plan make_plan(const kv_layout& layout, const std::vector<seq_view>&
     const auto& s = seqs[i];
     for (std::uint32_t h = 0; h < layout.kv_heads; ++h) {
       if (s.q_len == 1 && !s.rope_cs) {
+        if (s.sparse) {  // only the selected ranges, each split into chunks
+          for (std::size_t r = 0; r < s.sparse->nranges; ++r)
+            for (std::size_t b = s.sparse->ranges[2 * r], e = s.sparse->ranges[2 * r + 1]; b < e;
+                 b += chunk)
+              plan.decode.push_back({i, h, b, std::min(e, b + chunk)});
+          plan.decode_groups.push_back(plan.decode.size());
+          continue;
+        }
         // Sinks are an item of their own: they may read another query (cache.hpp).
         std::size_t b = begin(i);
         if (b < s.sink_len && s.sink_len < s.kv_len) {

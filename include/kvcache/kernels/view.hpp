@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "../config.hpp"
 
@@ -33,6 +34,23 @@ struct kv_layout {
                                                        std::size_t kind,
                                                        std::size_t head) const noexcept {
     return ((layer * 2 + kind) * kv_heads + head) * page_tokens * row_bytes;
+  }
+};
+
+//! A block-sparse read pattern (sparse_pattern) of one sequence of a step, in
+//! cache indices (= positions: the cache is full). Prefill masks with
+//! visible(); decode reads only `ranges`.
+struct sparse_view {
+  std::size_t globals = 0, window = 0, block = 1;
+  const std::uint8_t* mask = nullptr;  // (query blocks, kblocks) 1: the key block is drawn
+  std::size_t first_qblock = 0;        // query block of mask row 0
+  std::size_t kblocks = 0;
+  const std::size_t* ranges = nullptr;  // (nranges, 2) [begin, end) a decode query reads
+  std::size_t nranges = 0;
+
+  KVCACHE_HOST_DEVICE bool visible(std::size_t k, std::size_t p) const noexcept {
+    if (k < globals || p < globals || k + window > p) return true;
+    return mask[(p / block - first_qblock) * kblocks + k / block] != 0;
   }
 };
 
@@ -70,6 +88,8 @@ struct seq_view {
   const float* rope_cs = nullptr;
   std::size_t rotary_dim = 0;
   bool rope_interleaved = false;
+  //! Block-sparse reads on a full cache; null: every token (causal).
+  const sparse_view* sparse = nullptr;
 
   KVCACHE_HOST_DEVICE std::size_t slot(std::size_t token) const noexcept {
     if (token < sink_len) return token;

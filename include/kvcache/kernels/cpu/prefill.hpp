@@ -203,7 +203,8 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
       float* s = S + r * B;
       const std::size_t pos = row_pos(r);
       for (std::size_t j = 0; j < B; ++j)
-        if (j >= nk || k0 + j > pos || (!in_sinks && window && k0 + j + window <= pos))
+        if (j >= nk || k0 + j > pos || (!in_sinks && window && k0 + j + window <= pos) ||
+            (sv.sparse && !a.non_causal && !sv.sparse->visible(k0 + j, pos)))
           s[j] = -INFINITY;
       vf mx = load(s);
       for (std::size_t b = 1; b < NB; ++b) mx = max(mx, load(s + b * lanes));
