@@ -302,8 +302,7 @@ TEST_CASE("memory stays bounded over a 100,000-token stream", "[eviction][memory
     std::vector<float> k(64 * 8, 0.5f), q(2 * 64 * 8, 0.25f), out(2 * 64 * 8);
     const std::size_t max_step = 8;
     // sinks' pages + the window plus the step's tokens + a page the window cuts
-    const std::size_t bound = ((S + pt - 1) / pt + (W - 1 + max_step + pt - 1) / pt + 1) * pt *
-                              bytes_per_token<fp16>(shape);
+    const std::size_t bound = windowed_paged_bytes<fp16>(shape, S, W, max_step, pt);
     std::size_t worst = 0;
     for (std::size_t i = 0; i < steps; ++i) {
       const std::size_t n = i % 997 == 0 ? max_step : 1;
