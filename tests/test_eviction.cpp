@@ -574,3 +574,57 @@ TEST_CASE("sparse_pattern matches the masked float64 reference in prefill and de
     for (std::size_t b : r) CHECK(b < qb);
   }
 }
+
+TEST_CASE("a windowed step the pool cannot serve changes nothing; evicted pages serve the next",
+          "[eviction][paged][errors]") {
+  // 5 pages of 8 tokens, window 16: one sequence needs at most 3 pages (a
+  // page boundary: 2 kept and 1 new, taken as its oldest leaves), two need
+  // up to 6, so the shared pool runs out.
+  using C = cache<mqa<64>, paged<8>, sliding_window<16>, fp16>;
+  C kv({.layers = 1, .q_heads = 2, .max_tokens = 40, .threads = 1});
+  auto a = kv.add_sequence(), b = kv.add_sequence();
+  std::vector<float> k(64 * 24, 0.5f), q(2 * 64 * 24, 0.25f), out(2 * 64 * 24);
+  auto step_of = [&](std::initializer_list<append> ap) {
+    auto st = kv.begin_step(ap);
+    const std::size_t n = st.tokens();
+    kv.write(0, st, make_view<const float>(k.data(), n, 1, 64),
+             make_view<const float>(k.data(), n, 1, 64));
+    kv.attend(0, st, make_view<const float>(q.data(), n, 2, 64), make_view(out.data(), n, 2, 64));
+  };
+  // One sequence streams through the whole pool many times over.
+  for (int i = 0; i < 300; ++i) step_of({{a, 1}});
+  CHECK(kv.store().pages_in_use() <= 3);
+  // The other fills what is left, then a step that needs more fails whole.
+  bool failed = false;
+  for (int i = 0; i < 40 && !failed; ++i) {
+    const std::size_t la = kv.length(a), lb = kv.length(b), mem = kv.memory_in_use();
+    try {
+      step_of({{a, 1}, {b, 8}});
+    } catch (const kvcache::error& e) {
+      failed = true;
+      CHECK_THAT(e.what(), Contains("new pages of 8 tokens"));
+      CHECK(kv.length(a) == la);
+      CHECK(kv.length(b) == lb);
+      CHECK(kv.memory_in_use() == mem);
+    }
+  }
+  CHECK(failed);
+  kv.remove_sequence(b);
+  for (int i = 0; i < 50; ++i) step_of({{a, 1}});
+  CHECK(kv.store().pages_in_use() <= 3);
+  CHECK(out[0] == Approx(0.5f));
+  // Window 9 on 8-token pages in a pool of 2: at every page boundary the
+  // step needs a page that only its own eviction frees.
+  cache<mqa<64>, paged<8>, sliding_window<9>, fp16> tight(
+      {.layers = 1, .q_heads = 2, .max_tokens = 16, .threads = 1});
+  auto t = tight.add_sequence();
+  for (int i = 0; i < 100; ++i) {
+    auto st = tight.begin_step({{t, 1}});
+    tight.write(0, st, make_view<const float>(k.data(), 1, 1, 64),
+                make_view<const float>(k.data(), 1, 1, 64));
+    tight.attend(0, st, make_view<const float>(q.data(), 1, 2, 64),
+                 make_view(out.data(), 1, 2, 64));
+  }
+  CHECK(tight.length(t) == 100);
+  CHECK(out[0] == Approx(0.5f));
+}
