@@ -689,6 +689,122 @@ void register_paged() {
 
 // ---- end of paged storage -------------------------------------------------------
 
+// ---- windowed eviction ----------------------------------------------------------
+//
+//   decode/fp16/<storage>/window<W>/<context>/1
+//                    sliding_window<W>, no RoPE: once the context passes the
+//                    window, every step reads the same W tokens, so time per
+//                    token must stay flat with context (contiguous is a ring,
+//                    paged16 returns pages that leave the window)
+//   decode/fp16/contiguous/window<W>_rope_write/<context>/1
+//                    sliding_window<W> with RoPE at absolute positions: keys
+//                    rotated on write, queries before attention
+//   decode/fp16/contiguous/sinks4_window<W>_rope_read/<context>/1
+//                    attention_sinks<4, W> with RoPE at cache positions
+//                    (StreamingLLM), the sinks scored against a second query
+//
+// A fixture fills context - 1 tokens through write() alone, in chunks, so the
+// window has slid past evicted tokens, and then decodes; the cache never
+// needs a refill (its size does not grow). Layers as for full decode, for the
+// tokens the window keeps.
+
+constexpr std::size_t kWindowChunk = 512;
+
+template <class S, class E>
+struct window_fixture : fixture {
+  using cache_t = cache<gqa<kHeadDim>, S, E, fp16>;
+
+  window_fixture(std::size_t sinks_, std::size_t window_, std::size_t context_, bool rope)
+      : context(context_),
+        kept(std::min(context_, sinks_ + window_)),
+        layers(layers_for(kept, 1, fp16::row_bytes(kHeadDim))),
+        kv({.layers = layers,
+            .q_heads = kQHeads,
+            .kv_heads = kKVHeads,
+            .max_tokens = sinks_ + window_ + kWindowChunk + 64,
+            .threads = 0,
+            .sinks = sinks_,
+            .window = window_,
+            .rope = rope ? rope_config{.theta = 500000, .rotary_dim = kHeadDim} : rope_config{}}),
+        out(kQHeads * kHeadDim) {
+    s = kv.add_sequence(sinks_ + window_ + kWindowChunk);
+    for (std::size_t done = 0; done + 1 < context;) {
+      const std::size_t n = std::min(kWindowChunk, context - 1 - done);
+      const step st = kv.begin_step({{s, n}});
+      for (std::size_t l = 0; l < layers; ++l)
+        kv.write(l, st, make_view(source_k().data(), n, kKVHeads, kHeadDim),
+                 make_view(source_v().data(), n, kKVHeads, kHeadDim));
+      done += n;
+    }
+  }
+
+  void decode_step() {
+    const step st = kv.begin_step({{s, 1}});
+    for (std::size_t l = 0; l < layers; ++l) {
+      kv.write(l, st, make_view(source_k().data(), 1, kKVHeads, kHeadDim),
+               make_view(source_v().data(), 1, kKVHeads, kHeadDim));
+      kv.attend(l, st, make_view(source_q().data(), 1, kQHeads, kHeadDim),
+                make_view(out.data(), 1, kQHeads, kHeadDim));
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+
+  std::size_t context, kept, layers;
+  cache_t kv;
+  seq_id s{};
+  std::vector<float> out;
+};
+
+template <class S, class E>
+void decode_window(benchmark::State& state, const std::string& name, std::size_t sinks,
+                   std::size_t window, std::size_t context, bool rope) {
+  const double ceiling = read_ceiling();
+  release_probe_buffer();
+  auto& fx = fixture_for<window_fixture<S, E>>(name, sinks, window, context, rope);
+  const double token_bytes = 2.0 * kKVHeads * double(fp16::row_bytes(kHeadDim));
+  double bytes = 0;
+  timed_region timer;
+  for (auto _ : state) {
+    bytes += double(fx.layers) * double(fx.kv.kept(fx.s) + 1) * token_bytes;
+    fx.decode_step();
+  }
+  const double rate = bytes / timer.seconds();
+  state.counters["kv_bytes_per_second"] = rate;
+  state.counters["read_bw_fraction"] = rate / ceiling;
+}
+
+template <class S, class E>
+void register_window(const std::string& storage, const std::string& eviction, std::size_t sinks,
+                     std::size_t window, std::size_t context, bool rope) {
+  const std::string name =
+      "decode/fp16/" + storage + "/" + eviction + "/" + std::to_string(context) + "/1";
+  benchmark::RegisterBenchmark(
+      name.c_str(),
+      [=](benchmark::State& st) { decode_window<S, E>(st, name, sinks, window, context, rope); })
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->ReportAggregatesOnly(true);
+}
+
+void register_eviction() {
+  using window_abs = sliding_window<dynamic, rope_positions::absolute>;
+  using sinks_cache = attention_sinks<dynamic, dynamic, rope_positions::cache>;
+  for (std::size_t context : {4096, 16384, 65536})
+    register_window<contiguous, window_abs>("contiguous", "window4096", 0, 4096, context, false);
+  for (std::size_t context : {4096, 65536})
+    register_window<paged<16>, window_abs>("paged16", "window4096", 0, 4096, context, false);
+  for (std::size_t w : {4096, 32768}) {
+    const std::string ws = std::to_string(w);
+    register_window<contiguous, window_abs>("contiguous", "window" + ws + "_rope_write", 0, w,
+                                            2 * w, true);
+    register_window<contiguous, sinks_cache>("contiguous", "sinks4_window" + ws + "_rope_read", 4,
+                                             w, 2 * w, true);
+  }
+}
+
+// ---- end of windowed eviction ---------------------------------------------------
+
 // ---- registration -----------------------------------------------------------
 
 //! decode/<precision>/<storage>/full/<context>/<batch> for one cache type;
@@ -757,6 +873,7 @@ void register_all() {
   register_paged();
   register_quantized<int8_kv<>, int4_kv<>, int4_kv<true>, int2_kv, fp8_e4m3_kv<>,
                      hadamard<int4_kv<>>>();
+  register_eviction();
 }
 
 // ---- summary ----------------------------------------------------------------

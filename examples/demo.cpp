@@ -2,9 +2,12 @@
 // cache type it prints bytes per token, KV memory at 4k / 32k / 128k context
 // (from the formula and from a live cache), the attention time per decoded
 // token across all layers, and the attention error against an fp32 cache fed
-// the same inputs; floating-point and quantized precisions side by side.
+// the same inputs; floating-point and quantized precisions side by side. Then a
+// streaming run: attention_sinks<4, 1024> (StreamingLLM with RoPE at cache
+// positions) on paged storage decodes --stream tokens, and memory_in_use()
+// stays flat while a full cache would keep growing.
 //
-//   demo [--model NAME|all] [--context N] [--tokens N] [--threads N] [--quick]
+//   demo [--model NAME|all] [--context N] [--tokens N] [--threads N] [--stream N] [--quick]
 #include <fmt/core.h>
 
 #include <algorithm>
@@ -35,7 +38,7 @@ constexpr preset presets[] = {
 
 struct options {
   std::string model = "all";
-  std::size_t context = 4096, tokens = 8, threads = 0;
+  std::size_t context = 4096, tokens = 8, threads = 0, stream = 20000;
   bool quick = false;
 };
 
@@ -161,6 +164,51 @@ void print(const preset& m, const options& o, const std::vector<row>& rows) {
   }
 }
 
+//! Streams tokens through a StreamingLLM cache (Llama-3-8B head shape, two
+//! layers to keep it quick), printing memory as the context grows.
+void stream(const options& o, const inputs& in) {
+  constexpr std::size_t L = 2, Hq = 32, Hk = 8, D = 128, S = 4, W = 1024;
+  using Cache = cache<gqa<D>, paged<16>, attention_sinks<S, W>, fp16>;
+  Cache kv({.layers = L,
+            .q_heads = Hq,
+            .kv_heads = Hk,
+            .max_tokens = 4 * W,
+            .threads = o.threads,
+            .rope = {.theta = 500000, .rotary_dim = D}});
+  const seq_id s = kv.add_sequence();
+  const kv_shape shape{L, Hk, D};
+  fmt::print(
+      "\nstreaming: {} tokens through cache<gqa<128>, paged<16>, attention_sinks<4, 1024>, "
+      "fp16>, {} layers, RoPE at cache positions\n",
+      o.stream, L);
+  fmt::print("{:>10} {:>8} {:>16} {:>20} {:>10}\n", "tokens", "kept", "memory_in_use MiB",
+             "full cache would MiB", "ms/token");
+  std::vector<float> out(Hq * D);
+  const std::size_t every = std::max<std::size_t>(1, o.stream / 10);
+  auto t0 = std::chrono::steady_clock::now();
+  std::size_t peak = 0;
+  for (std::size_t t = 0; t < o.stream; ++t) {
+    auto st = kv.begin_step({{s, 1}});
+    for (std::size_t l = 0; l < L; ++l) {
+      const std::size_t key = t * L + l;
+      kv.write(l, st, make_view(in.at(key, Hk * D), 1, Hk, D),
+               make_view(in.at(key + 77, Hk * D), 1, Hk, D));
+      kv.attend(l, st, make_view(in.at(key + 99, Hq * D), 1, Hq, D),
+                make_view(out.data(), 1, Hq, D));
+    }
+    peak = std::max(peak, kv.memory_in_use());
+    if ((t + 1) % every == 0) {
+      const auto now = std::chrono::steady_clock::now();
+      const double ms = std::chrono::duration<double, std::milli>(now - t0).count() / every;
+      t0 = now;
+      fmt::print("{:>10} {:>8} {:>16} {:>20} {:>10.3f}\n", kv.length(s), kv.kept(s),
+                 mib(kv.memory_in_use()), mib(kv_bytes<fp16>(shape, 1, kv.length(s))), ms);
+    }
+  }
+  fmt::print("peak memory_in_use over the stream: {} MiB (sinks + window + one page: {} MiB)\n",
+             mib(peak), mib(paged_kv_bytes<fp16>(shape, 1, 16 + W + 16, 16)));
+}
+
 bool parse(int argc, char** argv, options& o) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -176,18 +224,21 @@ bool parse(int argc, char** argv, options& o) {
       o.tokens = std::stoul(next());
     else if (a == "--threads")
       o.threads = std::stoul(next());
+    else if (a == "--stream")
+      o.stream = std::stoul(next());
     else if (a == "--quick")
       o.quick = true;
     else {
       fmt::print(
           "usage: demo [--model llama-2-7b|llama-3-8b|mistral-7b|all] [--context N]\n"
-          "            [--tokens N] [--threads N] [--quick]\n");
+          "            [--tokens N] [--threads N] [--stream N] [--quick]\n");
       return a == "--help" || a == "-h";
     }
   }
   if (o.quick) {
     o.context = std::min<std::size_t>(o.context, 512);
     o.tokens = 2;
+    o.stream = std::min<std::size_t>(o.stream, 3000);
     if (o.model == "all") o.model = "llama-3-8b";
   }
   return true;
@@ -228,6 +279,7 @@ int main(int argc, char** argv) try {
   fmt::print(
       "\nms/token: attention + K/V append for one decoded token across all layers.\n"
       "Measured memory: memory_in_use() of a live one-layer cache x layers.\n");
+  if (o.stream) stream(o, in);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "\ndemo: %s\n", e.what());

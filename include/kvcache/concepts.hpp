@@ -11,6 +11,7 @@
 #include <span>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "config.hpp"
 #include "kernels/view.hpp"
@@ -102,21 +103,87 @@ concept block_precision = precision_policy<P> &&
   P::accumulate_block(w, in, n, n, out);
 };
 
+//! Which positions the cache rotates kept keys to (when it applies RoPE).
+//!  absolute: each token's position in its sequence (0, 1, 2, ... as appended);
+//!            what sliding-window models were trained with.
+//!  cache:    each kept token's index among the kept tokens, 0..kept - 1;
+//!            what StreamingLLM needs once tokens between the sinks and the
+//!            window are gone.
+enum class rope_positions { absolute, cache };
+
+//! Block-sparse reads (Longformer / BigBird) on a full cache: sparse_pattern.
+struct sparse_config {
+  std::size_t globals = 0;  // positions 0..globals - 1 are global tokens
+  std::size_t window = 0;   // local window: positions (p - window, p]
+  std::size_t block = 64;   // random blocks' size, in tokens
+  std::size_t random = 0;   // random blocks per query block
+  std::uint64_t seed = 0;
+};
+
+//! Runtime sizes of an eviction policy (from cache_config): what a `dynamic`
+//! sink count or window takes, and a sparse pattern's sizes.
+struct eviction_config {
+  std::size_t sinks = 0;
+  std::size_t window = 0;
+  sparse_config sparse{};
+};
+
 //! eviction_policy<E>: which tokens stay in the cache.
 //!  1. E::axis is eviction_tag.
 //!  2. E::name converts to std::string_view.
 //!  3. E::evicts is a bool constant: false when every appended token stays until
 //!     its sequence is truncated or removed.
-//!  4. E::keep(position, length) says whether the token at `position` is still
-//!     kept once its sequence holds `length` tokens. It must be monotone: a
-//!     token dropped at one length stays dropped at every greater length.
+//!  4. e.keep(position, length) (static or not) says whether the token at
+//!     `position` is still kept once its sequence holds `length` tokens. It
+//!     must be monotone: a token dropped at one length stays dropped at every
+//!     greater length. The cache asks it at the start of each step with
+//!     length = (tokens so far) + 1, so that a step's first query still sees
+//!     every key it needs; tokens leave then, never mid-step.
+//!  5. E is default constructible, or constructible from eviction_config
+//!     (the cache then builds it from cache_config::sinks and ::window and
+//!     the constructor throws kvcache::error for values it cannot serve).
+//! Optional: E::positions (a rope_positions) says where the cache rotates
+//! kept keys; absolute when absent.
 template <class E>
-concept eviction_policy = requires(std::size_t n) {
+concept eviction_policy = requires(const E& e, std::size_t n) {
   requires std::same_as<typename E::axis, eviction_tag>;
   { E::name } -> std::convertible_to<std::string_view>;
   { E::evicts } -> std::convertible_to<bool>;
-  { E::keep(n, n) } -> std::same_as<bool>;
+  { e.keep(n, n) } -> std::same_as<bool>;
+  requires std::default_initializable<E> || std::constructible_from<E, const eviction_config&>;
 };
+
+//! windowed_eviction<E>: an eviction policy whose kept tokens are always the
+//! first e.sinks() tokens and the newest e.window() (keep(p, n) is exactly
+//! p < sinks || p + window >= n). Storage then keeps the window as a ring
+//! (contiguous) or drops whole pages (paged), and kernels read it with no
+//! per-token bookkeeping.
+template <class E>
+concept windowed_eviction = eviction_policy<E> && requires(const E& e) {
+  { e.sinks() } -> std::same_as<std::size_t>;
+  { e.window() } -> std::same_as<std::size_t>;
+};
+
+//! sparse_selection<E>: a non-evicting policy whose queries read a
+//! block-sparse selection of the cache (sparse.hpp): global tokens, a local
+//! window, and random_blocks(query block) of block() tokens each.
+template <class E>
+concept sparse_selection = eviction_policy<E> && !E::evicts && requires(const E& e, std::size_t n) {
+  { e.globals() } -> std::same_as<std::size_t>;
+  { e.local_window() } -> std::same_as<std::size_t>;
+  { e.block() } -> std::same_as<std::size_t>;
+  { e.random_blocks(n) } -> std::convertible_to<std::vector<std::size_t>>;
+};
+
+namespace detail {
+template <class E>
+constexpr rope_positions positions_of() noexcept {
+  if constexpr (requires { E::positions; })
+    return E::positions;
+  else
+    return rope_positions::absolute;
+}
+}  // namespace detail
 
 //! backend_policy<B>: where the cache's memory lives and which kernels run.
 //!  1. B::axis is backend_tag.

@@ -71,5 +71,18 @@ constexpr std::size_t paged_shared_kv_bytes(const kv_shape& s, std::size_t seque
          page_tokens * bytes_per_token<P>(s);
 }
 
+//! Upper bound of the bytes one unshared sequence holds in paged storage under
+//! a windowed eviction (attention_sinks<sinks, window>; sinks 0 for
+//! sliding_window) during a step of `step_tokens` tokens: the sinks' pages,
+//! the pages of the window's W - 1 older tokens plus the step's, and one page
+//! the window cuts in the middle. Independent of the stream's length.
+template <precision_policy P>
+constexpr std::size_t windowed_paged_bytes(const kv_shape& s, std::size_t sinks, std::size_t window,
+                                           std::size_t step_tokens, std::size_t page_tokens) {
+  const std::size_t pt = page_tokens;
+  return ((sinks + pt - 1) / pt + (window - 1 + step_tokens + pt - 1) / pt + 1) * pt *
+         bytes_per_token<P>(s);
+}
+
 }  // namespace v0
 }  // namespace kvcache

@@ -59,7 +59,8 @@ inline work_plan make_plan(const kv_layout& layout, const std::vector<seq_view>&
   auto begin = [&](std::size_t i) { return decode_begin.empty() ? 0 : decode_begin[i]; };
   std::size_t decode_tokens = 0;
   for (std::size_t i = 0; i < seqs.size(); ++i)
-    if (seqs[i].q_len == 1) decode_tokens += (seqs[i].kv_len - begin(i)) * layout.kv_heads;
+    if (seqs[i].q_len == 1 && !seqs[i].rope_cs)
+      decode_tokens += (seqs[i].kv_len - begin(i)) * layout.kv_heads;
   // Small pages: a KV head's run in a page is at most paged_run_bytes and the
   // next page's run is elsewhere, so a stream walking one head across pages
   // restarts the hardware prefetchers at every page (measured 25% slower at
@@ -70,7 +71,7 @@ inline work_plan make_plan(const kv_layout& layout, const std::vector<seq_view>&
   std::size_t decode_pairs = 0;
   bool small_pages = true;
   for (const auto& s : seqs)
-    if (s.q_len == 1) {
+    if (s.q_len == 1 && !s.rope_cs) {
       decode_pairs += layout.kv_heads;
       small_pages = small_pages && s.page_tokens * layout.row_bytes <= paged_run_bytes;
     }
@@ -83,8 +84,22 @@ inline work_plan make_plan(const kv_layout& layout, const std::vector<seq_view>&
   for (std::uint32_t i = 0; i < seqs.size(); ++i) {
     const auto& s = seqs[i];
     for (std::uint32_t h = 0; h < layout.kv_heads; ++h) {
-      if (s.q_len == 1) {
-        for (std::size_t b = begin(i); b < s.kv_len; b += chunk)
+      if (s.q_len == 1 && !s.rope_cs) {
+        if (s.sparse) {  // only the selected ranges, each split into chunks
+          for (std::size_t r = 0; r < s.sparse->nranges; ++r)
+            for (std::size_t b = s.sparse->ranges[2 * r], e = s.sparse->ranges[2 * r + 1]; b < e;
+                 b += chunk)
+              plan.decode.push_back({i, h, b, std::min(e, b + chunk)});
+          plan.decode_groups.push_back(plan.decode.size());
+          continue;
+        }
+        // Sinks are an item of their own: they may read another query (cache.hpp).
+        std::size_t b = begin(i);
+        if (b < s.sink_len && s.sink_len < s.kv_len) {
+          plan.decode.push_back({i, h, b, s.sink_len});
+          b = s.sink_len;
+        }
+        for (; b < s.kv_len; b += chunk)
           plan.decode.push_back({i, h, b, std::min(s.kv_len, b + chunk)});
         plan.decode_groups.push_back(plan.decode.size());
       } else {

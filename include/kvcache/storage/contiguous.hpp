@@ -2,7 +2,10 @@
 // reserved when the sequence is added (a static cache, like HF's StaticCache).
 //   bytes per sequence = capacity x layers x 2 x kv_heads x row_bytes
 // In the kernels' view the region is a single page of `capacity` slots, so
-// contiguous and paged storage share every kernel.
+// contiguous and paged storage share every kernel. Under a windowed eviction
+// the region is a ring: sinks in slots 0..S - 1, the window cycling through
+// slots S..capacity - 1 (position p >= S in slot S + (p - S) mod (capacity - S)),
+// so an evicted token's slot is simply overwritten and nothing moves.
 #pragma once
 
 #include <cstddef>
@@ -20,7 +23,7 @@ struct contiguous {
   using axis = storage_tag;
   static constexpr std::string_view name = "contiguous";
   static constexpr std::size_t page_tokens = dynamic;
-  static constexpr bool supports_eviction = false;
+  static constexpr bool supports_eviction = true;
 
   //! The storage bookkeeping for backend B (the members storage_state lists).
   //! A region is reserved whole by create(), so appends take no pages and
@@ -62,6 +65,23 @@ struct contiguous {
     static void reserve(std::size_t) noexcept {}
     static void grow(region&, std::size_t, std::size_t, std::span<const token_id>) noexcept {}
     static void truncate(region&, std::size_t, std::size_t) noexcept {}
+    // ---- windowed eviction -------------------------------------------------
+
+    //! Pages that evicting positions before `to` returns to the pool: none,
+    //! the region is reserved whole.
+    static std::size_t evicted_pages(const region&, std::size_t, std::size_t) noexcept { return 0; }
+    static void evict(region&, std::size_t, std::size_t) noexcept {}
+    static std::size_t page_count(const region&) noexcept { return 1; }
+    //! Fills v's slot map for `sinks` kept sinks (all of positions < S that
+    //! exist) and the window from position w0 >= S.
+    static void window_view(const region& r, std::size_t S, std::size_t sink_len, std::size_t w0,
+                            seq_view& v) noexcept {
+      v.sink_len = sink_len;
+      v.ring_base = S;
+      v.ring_len = r.capacity - S;
+      v.ring_start = (w0 - S) % v.ring_len;
+    }
+
     std::size_t slots_in_use() const noexcept { return slots_; }
     std::size_t bytes_in_use() const noexcept { return layout_.page_bytes(slots_); }
 

@@ -79,8 +79,8 @@ struct paged {
   using axis = storage_tag;
   static constexpr std::string_view name = "paged";
   static constexpr std::size_t page_tokens = PageTokens;
-  // Eviction will return the pages that leave a window; not yet.
-  static constexpr bool supports_eviction = false;
+  // A windowed eviction returns the pages that leave the window (evict()).
+  static constexpr bool supports_eviction = true;
 
   template <backend_policy B>
   class state {
@@ -100,6 +100,10 @@ struct paged {
       std::vector<token_id> tail;      // (tokens)       ids past the hashed pages
       std::size_t capacity = 0;
       bool has_ids = true;  // every token past the hashed pages came with its id
+      //! Windowed eviction: pages dropped after the sink pages. The table
+      //! then holds logical pages [0, sink pages) and [sink pages + dropped, ...).
+      std::size_t dropped = 0;
+      std::size_t sink_pages = 0;
     };
 
     state(const kv_layout& layout, const storage_config& cfg) : layout_(layout) {
@@ -159,7 +163,7 @@ struct paged {
     std::size_t page_tokens(const region&) const noexcept { return page_tokens_; }
 
     std::size_t prepare(region& r, std::size_t length, std::size_t tokens) {
-      const std::size_t pages = (length + tokens + page_tokens_ - 1) / page_tokens_;
+      const std::size_t pages = (length + tokens + page_tokens_ - 1) / page_tokens_ - r.dropped;
       r.table.reserve(pages);
       r.ids.reserve(pages);
       r.chain.reserve(pages);
@@ -186,7 +190,7 @@ struct paged {
         r.table.back() = address(to);
         release(from);
       }
-      const std::size_t pages = (length + tokens + page_tokens_ - 1) / page_tokens_;
+      const std::size_t pages = (length + tokens + page_tokens_ - 1) / page_tokens_ - r.dropped;
       while (r.ids.size() < pages) {
         const std::uint32_t p = take();
         r.ids.push_back(p);
@@ -203,7 +207,15 @@ struct paged {
 
     void truncate(region& r, std::size_t length, std::size_t n) noexcept {
       (void)length;
-      const std::size_t keep = (n + page_tokens_ - 1) / page_tokens_;
+      // Under eviction the cache truncates only to n <= sinks (every dropped
+      // page goes, with the pages after them) or to n at or past the window's
+      // first kept token (past the dropped pages).
+      const std::size_t logical = (n + page_tokens_ - 1) / page_tokens_;
+      std::size_t keep = logical - std::min(logical, r.dropped);
+      if (r.dropped && logical < r.sink_pages + r.dropped) {
+        keep = logical;
+        r.dropped = 0;
+      }
       while (r.ids.size() > keep) {
         release(r.ids.back());
         r.ids.pop_back();
@@ -244,6 +256,8 @@ struct paged {
       c.tail = r.tail;
       c.capacity = r.capacity;
       c.has_ids = r.has_ids;
+      c.dropped = r.dropped;
+      c.sink_pages = r.sink_pages;
       for (std::uint32_t p : c.ids) acquire(p);
       return c;
     }
@@ -309,6 +323,44 @@ struct paged {
       r.tail.clear();
       r.has_ids = true;
       return found.size() * page_tokens_;
+    }
+
+    // ---- windowed eviction ---------------------------------------------------------
+
+    //! Pages that evict(r, sinks, to) would return to the pool (or the
+    //! prefix cache): dropped pages no other sequence holds.
+    std::size_t evicted_pages(const region& r, std::size_t sinks, std::size_t to) const noexcept {
+      std::size_t n = 0;
+      for_dropped(r, sinks, to, [&](std::uint32_t p) { n += meta_[p].refs == 1; });
+      return n;
+    }
+    //! Releases the pages after the sink pages that hold only positions
+    //! before `to` (a page the window cuts in the middle stays whole).
+    void evict(region& r, std::size_t sinks, std::size_t to) noexcept {
+      const std::size_t ns = (sinks + page_tokens_ - 1) / page_tokens_;
+      std::size_t n = 0;
+      for_dropped(r, sinks, to, [&](std::uint32_t p) {
+        release(p);
+        ++n;
+      });
+      if (n == 0) return;
+      const auto b = static_cast<std::ptrdiff_t>(ns), e = static_cast<std::ptrdiff_t>(ns + n);
+      r.ids.erase(r.ids.begin() + b, r.ids.begin() + e);
+      r.table.erase(r.table.begin() + b, r.table.begin() + e);
+      r.dropped += n;
+      r.sink_pages = ns;
+      r.has_ids = false;  // the prefix index holds whole prefixes only
+      r.tail.clear();
+      r.chain.clear();
+    }
+    static std::size_t page_count(const region& r) noexcept { return r.ids.size(); }
+    void window_view(const region& r, std::size_t S, std::size_t sink_len, std::size_t w0,
+                     seq_view& v) const noexcept {
+      (void)S;
+      v.sink_len = sink_len;
+      v.ring_base = 0;
+      v.ring_len = seq_view::no_wrap;
+      v.ring_start = w0 - r.dropped * page_tokens_;
     }
 
     // ---- inspection -------------------------------------------------------------
@@ -408,6 +460,16 @@ struct paged {
       // Pushed in reverse so pages are taken in address order.
       for (std::size_t i = n; i-- > 0;) free_.push_back(static_cast<std::uint32_t>(allocated_ + i));
       allocated_ += n;
+    }
+
+    template <class F>
+    void for_dropped(const region& r, std::size_t sinks, std::size_t to, F&& f) const noexcept {
+      const std::size_t ns = (sinks + page_tokens_ - 1) / page_tokens_;
+      for (std::size_t k = ns + r.dropped; (k + 1) * page_tokens_ <= to; ++k) {
+        const std::size_t i = k - r.dropped;
+        if (i >= r.ids.size()) break;
+        f(r.ids[i]);
+      }
     }
 
     bool writable(std::uint32_t p) const noexcept {

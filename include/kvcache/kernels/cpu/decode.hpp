@@ -32,8 +32,11 @@ struct decode_args {
   const seq_view* seqs;
   const work_plan* plan;
   const float* qs;  // (decode group, g, dim)   queries pre-multiplied by the scale
-  float* partial;   // (decode item, g, dim + 1) normalised output, then lse
-  float* scratch;   // (worker, scratch_floats)
+  //! (decode group, g, dim) the queries items over a sequence's sinks read
+  //! (rotated at the query's cache position); null: qs.
+  const float* qs_sink;
+  float* partial;  // (decode item, g, dim + 1) normalised output, then lse
+  float* scratch;  // (worker, scratch_floats)
   std::size_t scratch_floats;
 };
 
@@ -228,7 +231,9 @@ void decode_task(const decode_args& a, std::size_t first, std::size_t count, flo
     const std::size_t grp =
         std::upper_bound(groups.begin(), groups.end(), idx) - groups.begin() - 1;
     st[i].item = &a.plan->decode[idx];
-    st[i].q = a.qs + grp * g * dim;
+    const float* qs =
+        a.qs_sink && st[i].item->end <= a.seqs[st[i].item->seq].sink_len ? a.qs_sink : a.qs;
+    st[i].q = qs + grp * g * dim;
     st[i].o = a.partial + idx * g * stride;
     st[i].m = ml + i * 2 * g;
     st[i].l = st[i].m + g;
@@ -248,10 +253,10 @@ void decode_task(const decode_args& a, std::size_t first, std::size_t count, flo
       const seq_view& sv = a.seqs[it.seq];
       const std::size_t kr = L.run_offset(sv.page_tokens, a.layer, 0, it.head);
       const std::size_t vr = L.run_offset(sv.page_tokens, a.layer, 1, it.head);
-      // Runs of at most 16 tokens, each inside one page.
+      // Runs of at most 16 tokens, each contiguous in memory (inside one page
+      // and one piece of a ring).
       auto run_length = [&](std::size_t t) {
-        return std::min(
-            {std::size_t{simd::lanes}, it.end - t, sv.page_tokens - t % sv.page_tokens});
+        return std::min({std::size_t{simd::lanes}, it.end - t, sv.run(t)});
       };
       tile_rows<row_t<P>> tr;
       std::size_t t = s.t;
@@ -301,7 +306,8 @@ void decode(thread_pool& pool, const decode_args& a, const tensor_view<float, 3>
     const std::size_t count = std::min(decode_streams, items.size() - first);
     float* scratch = a.scratch + worker * a.scratch_floats;
     if constexpr (block_precision<P>) {  // quantized rows, read in place
-      decode_quant_items<P, D>(L, a.layer, a.seqs, *a.plan, a.qs, a.partial, first, count, scratch);
+      decode_quant_items<P, D>(L, a.layer, a.seqs, *a.plan, a.qs, a.qs_sink, a.partial, first,
+                               count, scratch);
     } else if (g % 4 == 0) {
       decode_task<P, D, 4>(a, first, count, scratch);
     } else if (g % 2 == 0) {

@@ -424,7 +424,8 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 //! partial: (item, g, dim + 1) normalised outputs and their lse.
 template <class P, std::size_t D, std::size_t HB>
 void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* seqs,
-                       const work_plan& plan, const float* qs, float* partial, std::size_t first,
+                       const work_plan& plan, const float* qs, const float* qs_sink,
+                       float* partial, std::size_t first,
                        std::size_t count, float* scratch) {
   const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
   const std::size_t stride = dim + 1;
@@ -469,7 +470,10 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
     const std::size_t grp =
         std::upper_bound(groups.begin(), groups.end(), idx) - groups.begin() - 1;
     st[i].item = &plan.decode[idx];
-    st[i].q = qs + grp * g * dim;
+    // Items over a sequence's sinks read the query rotated for them (see
+    // decode_args::qs_sink); they never share a quantized query with others.
+    const bool sink = qs_sink && st[i].item->end <= seqs[st[i].item->seq].sink_len;
+    st[i].q = (sink ? qs_sink : qs) + grp * g * dim;
     if constexpr (rotating_precision<P>) {
       float* q = qt + i * g * dim;
       for (std::size_t h = 0; h < g; ++h) {
@@ -481,13 +485,13 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
     // Adjacent items of one (sequence, KV head) share their quantized queries.
     if constexpr (integer)
       if (use_integer) {
-        if (i > 0 && qs_group[i - 1] == grp) {
+        if (i > 0 && qs_group[i - 1] == 2 * grp + sink) {
           for (std::size_t h = 0; h < g; ++h) qv[i * g + h] = qv[(i - 1) * g + h];
         } else {
           for (std::size_t h = 0; h < g; ++h)
             vnni::quantize_query<F>(st[i].q + h * dim, dim, qv[i * g + h]);
         }
-        qs_group[i] = grp;
+        qs_group[i] = 2 * grp + sink;
       }
     if constexpr (integer_v)
       if (use_integer)
@@ -510,7 +514,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       const decode_item& it = *s.item;
       if (s.t >= it.end) continue;
       const seq_view& sv = seqs[it.seq];
-      const std::size_t in_page = sv.page_tokens - s.t % sv.page_tokens;
+      const std::size_t in_page = sv.run(s.t);  // contiguous rows from s.t
       std::size_t tile = decode_tile;
       if constexpr (integer)
         if (use_integer) tile = quant_tile;
@@ -582,15 +586,16 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
 //! decode_quant_task with the head blocking chosen from the group size.
 template <class P, std::size_t D>
 void decode_quant_items(const kv_layout& L, std::size_t layer, const seq_view* seqs,
-                        const work_plan& plan, const float* qs, float* partial, std::size_t first,
+                        const work_plan& plan, const float* qs, const float* qs_sink,
+                        float* partial, std::size_t first,
                         std::size_t count, float* scratch) {
   const std::size_t g = L.group();
   if (g % 4 == 0)
-    decode_quant_task<P, D, 4>(L, layer, seqs, plan, qs, partial, first, count, scratch);
+    decode_quant_task<P, D, 4>(L, layer, seqs, plan, qs, qs_sink, partial, first, count, scratch);
   else if (g % 2 == 0)
-    decode_quant_task<P, D, 2>(L, layer, seqs, plan, qs, partial, first, count, scratch);
+    decode_quant_task<P, D, 2>(L, layer, seqs, plan, qs, qs_sink, partial, first, count, scratch);
   else
-    decode_quant_task<P, D, 1>(L, layer, seqs, plan, qs, partial, first, count, scratch);
+    decode_quant_task<P, D, 1>(L, layer, seqs, plan, qs, qs_sink, partial, first, count, scratch);
 }
 
 }  // namespace detail

@@ -35,6 +35,9 @@ struct prefill_args {
   //! Every row of a sequence attends to all its kv_len keys, without a causal
   //! mask: a cascade's shared prefix, which precedes every query.
   bool non_causal = false;
+  //! (tokens, q_heads, dim) the queries that keys before a sequence's
+  //! sink_len read (rotated at the query's cache position); empty: q.
+  tensor_view<const float, 3> q_sink{};
 };
 
 inline std::size_t prefill_rows_padded(std::size_t rows) noexcept { return (rows + 3) / 4 * 4; }
@@ -42,7 +45,7 @@ inline std::size_t prefill_rows_padded(std::size_t rows) noexcept { return (rows
 //! Floats of per-worker scratch the prefill kernel needs for tiles of `rows` rows.
 inline std::size_t prefill_scratch_floats(const kv_layout& L, std::size_t rows) noexcept {
   const std::size_t R = prefill_rows_padded(rows), D = L.head_dim, B = prefill_kv_tile;
-  return 2 * R * D + R * B + 3 * D * B + 3 * R + 64;
+  return 3 * R * D + R * B + 3 * D * B + 3 * R + 64;
 }
 
 //! S = Q Kt for one tile: Q (R, dim), Kt (dim, prefill_kv_tile), S (R,
@@ -99,6 +102,17 @@ KVCACHE_ALWAYS_INLINE void tile_accumulate(const float* P, const float* V, float
   }
 }
 
+//! Rotates a key row in place (rope.hpp's pairing, angles precomputed).
+inline void rope_row(float* x, const float* cs, std::size_t rotary_dim, bool interleaved) noexcept {
+  const std::size_t half = rotary_dim / 2;
+  for (std::size_t i = 0; i < half; ++i) {
+    const std::size_t a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const float c = cs[2 * i], s = cs[2 * i + 1], x0 = x[a], x1 = x[b];
+    x[a] = x0 * c - x1 * s;
+    x[b] = x1 * c + x0 * s;
+  }
+}
+
 template <class P, std::size_t D>
 void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scratch) {
   using namespace simd;
@@ -114,31 +128,49 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
   float* Kt = S + R * B;       // (dim, B)  K tile, transposed
   float* Vf = Kt + dim * B;    // (B, dim)  V tile
   float* conv = Vf + B * dim;  // (B, dim) decoded rows for non-direct precisions
-  float* m = conv + B * dim;   // (R)
+  float* Qs = conv + B * dim;  // (R, dim)  scaled queries for the sinks, if they differ
+  float* m = Qs + R * dim;     // (R)
   float* l = m + R;            // (R)
   float* corr = l + R;         // (R)
 
   const std::size_t last_pos = a.non_causal ? sv.kv_len - 1 : sv.first_pos + it.row_end - 1;
+  const bool own_sink_q = !a.q_sink.empty() && sv.sink_len > 0;
   for (std::size_t r = 0; r < R; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.f;
     for (std::size_t d = 0; d < dim; ++d) O[r * dim + d] = 0.f;
     if (r >= nrows) {
-      for (std::size_t d = 0; d < dim; ++d) Q[r * dim + d] = 0.f;
+      for (std::size_t d = 0; d < dim; ++d) Q[r * dim + d] = Qs[r * dim + d] = 0.f;
       continue;
     }
     const std::size_t tok = it.row_begin + r / g, h = it.head * g + r % g;
     const float* src = &a.q(sv.q_begin + tok, h, 0);
     for (std::size_t d = 0; d < dim; ++d) Q[r * dim + d] = src[d] * a.scale;
+    if (own_sink_q) {
+      const float* ss = &a.q_sink(sv.q_begin + tok, h, 0);
+      for (std::size_t d = 0; d < dim; ++d) Qs[r * dim + d] = ss[d] * a.scale;
+    }
   }
   auto row_pos = [&](std::size_t r) {
     return r < nrows && !a.non_causal ? sv.first_pos + it.row_begin + r / g : last_pos;
   };
   const std::size_t kr = L.run_offset(sv.page_tokens, a.layer, 0, it.head);
   const std::size_t vr = L.run_offset(sv.page_tokens, a.layer, 1, it.head);
+  const std::size_t window = a.non_causal ? 0 : sv.window;
+  // Keys in two ranges: the sinks [0, sink_len), then the window from the
+  // first key the item's first row can see. A tile never spans both, so the
+  // sinks can be scored against their own queries.
+  const std::size_t sinks = std::min(sv.sink_len, last_pos + 1);
+  const std::size_t first_row = row_pos(0);
+  const std::size_t lo =
+      std::max(sinks, window && first_row + 1 > window ? first_row + 1 - window : 0);
 
-  for (std::size_t k0 = 0; k0 <= last_pos; k0 += B) {
-    const std::size_t nk = std::min(B, last_pos + 1 - k0);
+  for (std::size_t k0 = 0; k0 <= last_pos;) {
+    if (k0 == sinks && k0 < lo) k0 = lo;
+    if (k0 > last_pos) break;
+    const bool in_sinks = k0 < sinks;
+    const std::size_t nk = std::min(B, (in_sinks ? sinks : last_pos + 1) - k0);
+    const float* Qt = in_sinks && own_sink_q ? Qs : Q;
     // Tiles of K (transposed) and V in fp32; rows past nk are zero.
     for (std::size_t j = 0; j < B; ++j) {
       if (j >= nk) {
@@ -148,23 +180,36 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
       }
       const auto* k = rows<P>(sv.row(kr, k0 + j, rb), 1, dim, rb, conv);
       const auto* v = rows<P>(sv.row(vr, k0 + j, rb), 1, dim, rb, conv + dim);
+      if (sv.rope_cs) {  // RoPE on read, at the key's cache index
+        float* kf = conv + 2 * dim;
+        for (std::size_t c = 0; c < nc; ++c) store(kf + c * lanes, load(k + c * lanes));
+        rope_row(kf, sv.rope_cs + (k0 + j) * sv.rotary_dim, sv.rotary_dim, sv.rope_interleaved);
+        for (std::size_t c = 0; c < nc; ++c) {
+          const vf kv = load(kf + c * lanes);
+          for (std::size_t i = 0; i < lanes; ++i) Kt[(c * lanes + i) * B + j] = kv[i];
+          store(Vf + j * dim + c * lanes, load(v + c * lanes));
+        }
+        continue;
+      }
       for (std::size_t c = 0; c < nc; ++c) {
         const vf kv = load(k + c * lanes);
         for (std::size_t i = 0; i < lanes; ++i) Kt[(c * lanes + i) * B + j] = kv[i];
         store(Vf + j * dim + c * lanes, load(v + c * lanes));
       }
     }
-    tile_scores(Q, Kt, S, R, dim);
-    // Causal mask and online softmax per row.
+    tile_scores(Qt, Kt, S, R, dim);
+    // Causal (and window) mask and online softmax per row.
     for (std::size_t r = 0; r < R; ++r) {
       float* s = S + r * B;
       const std::size_t pos = row_pos(r);
       for (std::size_t j = 0; j < B; ++j)
-        if (j >= nk || k0 + j > pos) s[j] = -INFINITY;
+        if (j >= nk || k0 + j > pos || (!in_sinks && window && k0 + j + window <= pos) ||
+            (sv.sparse && !a.non_causal && !sv.sparse->visible(k0 + j, pos)))
+          s[j] = -INFINITY;
       vf mx = load(s);
       for (std::size_t b = 1; b < NB; ++b) mx = max(mx, load(s + b * lanes));
       const float mn = std::max(m[r], reduce_max(mx));
-      if (mn == -INFINITY) {  // every key of this tile is after the row: no update
+      if (mn == -INFINITY) {  // every key of this tile is hidden from the row: no update
         corr[r] = 1.f;
         for (std::size_t b = 0; b < NB; ++b) store(s + b * lanes, vf{});
         continue;
@@ -180,6 +225,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
       m[r] = mn;
     }
     tile_accumulate(S, Vf, O, corr, R, nk, dim);
+    k0 += nk;
   }
   for (std::size_t r = 0; r < nrows; ++r) {
     const std::size_t tok = it.row_begin + r / g, h = it.head * g + r % g;
