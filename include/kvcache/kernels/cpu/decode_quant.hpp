@@ -424,9 +424,8 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 //! partial: (item, g, dim + 1) normalised outputs and their lse.
 template <class P, std::size_t D, std::size_t HB>
 void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* seqs,
-                       const work_plan& plan, const float* qs, const float* qs_sink,
-                       float* partial, std::size_t first,
-                       std::size_t count, float* scratch) {
+                       const work_plan& plan, const float* qs, const float* qs_sink, float* partial,
+                       std::size_t first, std::size_t count, float* scratch) {
   const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
   const std::size_t stride = dim + 1;
   quant_stream st[decode_streams];
@@ -587,8 +586,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
 template <class P, std::size_t D>
 void decode_quant_items(const kv_layout& L, std::size_t layer, const seq_view* seqs,
                         const work_plan& plan, const float* qs, const float* qs_sink,
-                        float* partial, std::size_t first,
-                        std::size_t count, float* scratch) {
+                        float* partial, std::size_t first, std::size_t count, float* scratch) {
   const std::size_t g = L.group();
   if (g % 4 == 0)
     decode_quant_task<P, D, 4>(L, layer, seqs, plan, qs, qs_sink, partial, first, count, scratch);
