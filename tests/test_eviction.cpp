@@ -251,6 +251,15 @@ TEST_CASE("attention_sinks equals the float64 reference at cache positions at ev
   check_stream<cache<gqa<64>, contiguous, attention_sinks<2, 17>, fp32>>(llama_rope(48), 0, 0, 80);
 }
 
+TEST_CASE("quantized caches under sinks and windows, at every step", "[eviction][rope][quant]") {
+  // The fused quantized decode walks the same slot map (ring pieces, pages)
+  // and reads the sinks with their own rotated query; the error bound is the
+  // format's own (P::tolerance).
+  check_stream<cache<gqa<64>, contiguous, attention_sinks<>, int8_kv<>>>(llama_rope(64), 4, 24, 80);
+  check_stream<cache<gqa<64>, paged<>, attention_sinks<>, int4_kv<>>>(llama_rope(64), 3, 21, 80);
+  check_stream<cache<gqa<64>, paged<>, sliding_window<>, int8_kv<>>>(llama_rope(64), 0, 33, 60);
+}
+
 TEST_CASE("sliding_window equals the float64 reference at absolute positions", "[eviction][rope]") {
   check_stream<cache<gqa<64>, contiguous, sliding_window<>, fp32>>(llama_rope(64), 0, 20, 100);
   check_stream<cache<gqa<64>, paged<>, sliding_window<>, fp16>>(llama_rope(64, true), 0, 33, 100);
