@@ -38,7 +38,7 @@ constexpr preset presets[] = {
 
 struct options {
   std::string model = "all";
-  std::size_t context = 4096, tokens = 8, threads = 0, stream = 20000;
+  std::size_t context = 4096, tokens = 6, threads = 0, stream = 8000;
   bool quick = false;
 };
 
