@@ -479,9 +479,7 @@ class cache {
     detail::check_view(k, "k", {st.tokens_, layout_.kv_heads, layout_.head_dim});
     detail::check_view(v, "v", {st.tokens_, layout_.kv_heads, layout_.head_dim});
     if constexpr (detail::rejects_non_finite<P>()) {
-      std::vector<std::uint64_t> ids;
-      for (const append& a : st.appends_) ids.push_back(static_cast<std::uint64_t>(a.seq));
-      detail::check_finite(layout_, layer, st.seqs_, ids.data(), k, v);
+      detail::check_finite(layout_, layer, st.seqs_, st.appends_, k, v);
     }
     if (cfg_.rope.rotary_dim && !keys_rotated_on_read()) {
       // Keys are stored rotated at their absolute positions in both position

@@ -20,6 +20,7 @@
 #include "../plan.hpp"
 #include "../view.hpp"
 #include "decode_quant.hpp"
+#include "decode_stream.hpp"
 #include "rows.hpp"
 
 namespace kvcache {
@@ -38,16 +39,6 @@ struct decode_args {
   float* partial;  // (decode item, g, dim + 1) normalised output, then lse
   float* scratch;  // (worker, scratch_floats)
   std::size_t scratch_floats;
-};
-
-//! Running softmax state of one stream (one decode item).
-struct decode_stream {
-  const decode_item* item = nullptr;
-  const float* q = nullptr;  // (g, dim)
-  float* o = nullptr;        // (g, dim + 1)
-  float* m = nullptr;        // (g)
-  float* l = nullptr;        // (g)
-  std::size_t t = 0;
 };
 
 //! Floats of per-worker scratch the decode kernel needs.
@@ -219,31 +210,13 @@ template <class P, std::size_t D, std::size_t HB>
 void decode_task(const decode_args& a, std::size_t first, std::size_t count, float* scratch) {
   const kv_layout& L = *a.layout;
   const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
-  const std::size_t stride = dim + 1;
   decode_stream st[decode_streams];
   float* sc = scratch;                        // (g, decode_tile)
   float* ml = sc + g * decode_tile;           // (streams, 2, g)
   float* conv = ml + 2 * g * decode_streams;  // (2, decode_tile, dim) for decoded rows
-  // Group index of each item: items of a group are adjacent, found by search.
-  const auto& groups = a.plan->decode_groups;
-  for (std::size_t i = 0; i < count; ++i) {
-    const std::size_t idx = first + i;
-    const std::size_t grp =
-        std::upper_bound(groups.begin(), groups.end(), idx) - groups.begin() - 1;
-    st[i].item = &a.plan->decode[idx];
-    const float* qs =
-        a.qs_sink && st[i].item->end <= a.seqs[st[i].item->seq].sink_len ? a.qs_sink : a.qs;
-    st[i].q = qs + grp * g * dim;
-    st[i].o = a.partial + idx * g * stride;
-    st[i].m = ml + i * 2 * g;
-    st[i].l = st[i].m + g;
-    st[i].t = st[i].item->begin;
-    for (std::size_t h = 0; h < g; ++h) {
-      st[i].m[h] = -INFINITY;
-      st[i].l[h] = 0.f;
-      for (std::size_t d = 0; d < dim; ++d) st[i].o[h * stride + d] = 0.f;
-    }
-  }
+  for (std::size_t i = 0; i < count; ++i)
+    start_stream(st[i], *a.plan, a.seqs, first + i, a.qs, a.qs_sink, a.partial, ml + i * 2 * g, g,
+                 dim);
   for (bool active = true; active;) {
     active = false;
     for (std::size_t i = 0; i < count; ++i) {
@@ -282,14 +255,7 @@ void decode_task(const decode_args& a, std::size_t first, std::size_t count, flo
       active = active || s.t < it.end;
     }
   }
-  for (std::size_t i = 0; i < count; ++i) {
-    for (std::size_t h = 0; h < g; ++h) {
-      float* o = st[i].o + h * stride;
-      const float inv = 1.0f / st[i].l[h];
-      for (std::size_t d = 0; d < dim; ++d) o[d] *= inv;
-      o[dim] = st[i].m[h] + std::log(st[i].l[h]);
-    }
-  }
+  for (std::size_t i = 0; i < count; ++i) finish_stream(st[i], g, dim);
 }
 
 //! Decode attention for the step's single-token sequences: every plan item,

@@ -27,6 +27,7 @@
 #include "../../precision/block.hpp"
 #include "../plan.hpp"
 #include "../view.hpp"
+#include "decode_stream.hpp"
 #include "vnni.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -215,16 +216,6 @@ constexpr double decode_error_bound() noexcept {
 //! weight rounding and epilogue work; the float paths take decode_tile (16).
 inline constexpr std::size_t quant_tile = 32;
 
-//! Running softmax state of one item.
-struct quant_stream {
-  const decode_item* item = nullptr;
-  const float* q = nullptr;  // (g, dim)        scaled, transformed queries
-  float* o = nullptr;        // (g, dim + 1)
-  float* m = nullptr;        // (g)
-  float* l = nullptr;        // (g)
-  std::size_t t = 0;
-};
-
 //! Floats of per-worker scratch decode_quant_task needs beyond decode.hpp's.
 inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim, nb = dim / 32;
@@ -236,7 +227,7 @@ inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
 //! Scores of up to 16 tokens x g heads into sc (g, quant_tile), by formats'
 //! vectorised readers, HB heads at a time.
 template <class P, std::size_t D, std::size_t HB>
-KVCACHE_ALWAYS_INLINE void quant_scores(const quant_stream& s, const std::byte* K, std::size_t rb,
+KVCACHE_ALWAYS_INLINE void quant_scores(const decode_stream& s, const std::byte* K, std::size_t rb,
                                         std::size_t n, std::size_t g, std::size_t dim_rt,
                                         float* sc) noexcept {
   using namespace simd;
@@ -266,7 +257,7 @@ KVCACHE_ALWAYS_INLINE void quant_scores(const quant_stream& s, const std::byte* 
 
 //! Online softmax over one tile's scores: sc becomes the weights, corr the
 //! rescaling of each head's running output.
-KVCACHE_ALWAYS_INLINE void quant_softmax(quant_stream& s, std::size_t g, float* sc, float* corr,
+KVCACHE_ALWAYS_INLINE void quant_softmax(decode_stream& s, std::size_t g, float* sc, float* corr,
                                          std::size_t tile) noexcept {
   using namespace simd;
   // Sixteen heads at a time: the maxima, the rescaling factors and the sums
@@ -308,7 +299,7 @@ KVCACHE_ALWAYS_INLINE void quant_softmax(quant_stream& s, std::size_t g, float* 
 
 //! o = o x corr + weights x V over a tile of n tokens, HB heads at a time.
 template <class P, std::size_t D, std::size_t HB>
-KVCACHE_ALWAYS_INLINE void quant_accumulate(quant_stream& s, const std::byte* V, std::size_t rb,
+KVCACHE_ALWAYS_INLINE void quant_accumulate(decode_stream& s, const std::byte* V, std::size_t rb,
                                             std::size_t n, std::size_t g, std::size_t dim_rt,
                                             const float* sc, const float* corr) noexcept {
   using namespace simd;
@@ -329,7 +320,7 @@ KVCACHE_ALWAYS_INLINE void quant_accumulate(quant_stream& s, const std::byte* V,
 //! The same tile through the precision's block functions (a user's
 //! block_precision without a built-in format).
 template <class P>
-void quant_tile_blocks(quant_stream& s, const std::byte* K, const std::byte* V, std::size_t rb,
+void quant_tile_blocks(decode_stream& s, const std::byte* K, const std::byte* V, std::size_t rb,
                        std::size_t n, std::size_t g, std::size_t dim, float* sc, float* corr) {
   const std::size_t G = P::group, nb = dim / G, stride = dim + 1;
   for (std::size_t h = 0; h < g; ++h)
@@ -428,7 +419,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
                        std::size_t first, std::size_t count, float* scratch) {
   const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
   const std::size_t stride = dim + 1;
-  quant_stream st[decode_streams];
+  decode_stream st[decode_streams];
   float* sc = scratch;                          // (g, quant_tile)
   float* ml = sc + g * quant_tile;              // (streams, 2, g)
   float* qt = ml + 2 * g * decode_streams;      // (streams, g, dim) transformed queries
@@ -463,16 +454,9 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       vnni::block_columns<F>(dim, col_of, col_start);
     }
   }
-  const auto& groups = plan.decode_groups;
   for (std::size_t i = 0; i < count; ++i) {
-    const std::size_t idx = first + i;
-    const std::size_t grp =
-        std::upper_bound(groups.begin(), groups.end(), idx) - groups.begin() - 1;
-    st[i].item = &plan.decode[idx];
-    // Items over a sequence's sinks read the query rotated for them (see
-    // decode_args::qs_sink); they never share a quantized query with others.
-    const bool sink = qs_sink && st[i].item->end <= seqs[st[i].item->seq].sink_len;
-    st[i].q = (sink ? qs_sink : qs) + grp * g * dim;
+    const auto [grp, sink] =
+        start_stream(st[i], plan, seqs, first + i, qs, qs_sink, partial, ml + i * 2 * g, g, dim);
     if constexpr (rotating_precision<P>) {
       float* q = qt + i * g * dim;
       for (std::size_t h = 0; h < g; ++h) {
@@ -496,20 +480,11 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       if (use_integer)
         for (std::size_t k = 0; k < g * (dim / F::group) * 16; ++k)
           value_bias[i * g * (dim / F::group) * 16 + k] = 0.f;
-    st[i].o = partial + idx * g * stride;
-    st[i].m = ml + i * 2 * g;
-    st[i].l = st[i].m + g;
-    st[i].t = st[i].item->begin;
-    for (std::size_t h = 0; h < g; ++h) {
-      st[i].m[h] = -INFINITY;
-      st[i].l[h] = 0.f;
-      for (std::size_t d = 0; d < dim; ++d) st[i].o[h * stride + d] = 0.f;
-    }
   }
   for (bool active = true; active;) {
     active = false;
     for (std::size_t i = 0; i < count; ++i) {
-      quant_stream& s = st[i];
+      decode_stream& s = st[i];
       const decode_item& it = *s.item;
       if (s.t >= it.end) continue;
       const seq_view& sv = seqs[it.seq];
@@ -572,13 +547,9 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
     }
   }
   for (std::size_t i = 0; i < count; ++i) {
-    for (std::size_t h = 0; h < g; ++h) {
-      float* o = st[i].o + h * stride;
-      const float inv = 1.0f / st[i].l[h];
-      for (std::size_t d = 0; d < dim; ++d) o[d] *= inv;
-      if constexpr (rotating_precision<P>) P::transform_output(o, dim);
-      o[dim] = st[i].m[h] + std::log(st[i].l[h]);
-    }
+    finish_stream(st[i], g, dim);
+    if constexpr (rotating_precision<P>)
+      for (std::size_t h = 0; h < g; ++h) P::transform_output(st[i].o + h * stride, dim);
   }
 }
 

@@ -29,9 +29,11 @@ constexpr bool rejects_non_finite() noexcept {
 //! Throws kvcache::error naming the first non-finite K or V element of the
 //! step (sequence id, layer, token position, KV head, element), before any
 //! row is stored, so a rejected write leaves the cache as it was.
-inline void check_finite(const kv_layout& L, std::size_t layer, const std::vector<seq_view>& seqs,
-                         const std::uint64_t* ids, const tensor_view<const float, 3>& k,
-                         const tensor_view<const float, 3>& v) {
+//! `appends[i].seq` names sequence i of the step.
+template <class Appends>
+void check_finite(const kv_layout& L, std::size_t layer, const std::vector<seq_view>& seqs,
+                  const Appends& appends, const tensor_view<const float, 3>& k,
+                  const tensor_view<const float, 3>& v) {
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const seq_view& s = seqs[i];
     for (std::size_t t = 0; t < s.q_len; ++t)
@@ -39,9 +41,10 @@ inline void check_finite(const kv_layout& L, std::size_t layer, const std::vecto
         for (std::size_t kind = 0; kind < 2; ++kind) {
           const float* x = kind == 0 ? &k(s.q_begin + t, h, 0) : &v(s.q_begin + t, h, 0);
           for (std::size_t d = 0; d < L.head_dim; ++d)
-            require(std::isfinite(x[d]), kind == 0 ? "K" : "V", " of sequence ", ids[i], ", layer ",
-                    layer, ", token ", s.first_pos + t, " (kv_head ", h, ", element ", d, ") is ",
-                    x[d], "; quantized precisions store only finite values, nothing was written");
+            require(std::isfinite(x[d]), kind == 0 ? "K" : "V", " of sequence ",
+                    static_cast<std::uint64_t>(appends[i].seq), ", layer ", layer, ", token ",
+                    s.first_pos + t, " (kv_head ", h, ", element ", d, ") is ", x[d],
+                    "; quantized precisions store only finite values, nothing was written");
         }
   }
 }
