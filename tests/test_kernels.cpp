@@ -3,6 +3,7 @@
 // threads give identical bits, and the log-sum-exp merge is exact.
 #include <cstring>
 #include <kvcache/kernels/merge.hpp>
+#include <kvcache/merge.hpp>
 
 #include "support.hpp"
 
@@ -122,4 +123,50 @@ TEST_CASE("log-sum-exp merge of two halves equals attention over the whole", "[k
   CHECK(copy == whole);
   detail::merge_partial(e.data(), le, whole.data(), lw, d);
   CHECK(e == whole);
+}
+
+TEST_CASE("merge_attention joins two caches holding halves of a context", "[kernels][merge]") {
+  // Tokens [0, n1) live in one cache and [n1, n) in another. The last query
+  // row of each one-shot prefill attends its whole cache, so with the same
+  // query in both, their merge is that query's attention over all n tokens.
+  using C = cache<gqa<>, contiguous, full, fp32>;
+  const auto seed = kvtest::test_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const std::size_t qh = 8, kvh = 2, d = 64, n1 = 700, n = 1200;
+  const inputs in = make_inputs(rng, n, qh, kvh, d);
+  const float* q_last = in.q.data() + (n - 1) * qh * d;
+  // Runs rows [b, e) as one prefill whose last row's query is q_last.
+  auto last_row = [&](std::size_t b, std::size_t e, std::vector<float>& o,
+                      std::vector<float>& lse) {
+    C kv({.layers = 1, .q_heads = qh, .kv_heads = kvh, .head_dim = d, .max_tokens = n});
+    const std::size_t c = e - b;
+    std::vector<float> q(in.q.begin() + b * qh * d, in.q.begin() + e * qh * d);
+    std::copy(q_last, q_last + qh * d, q.end() - qh * d);
+    std::vector<float> out = kvtest::poisoned(c * qh * d), l = kvtest::poisoned(c * qh);
+    auto st = kv.begin_step({{kv.add_sequence(), c}});
+    kv.write(0, st, make_view<const float>(in.k.data() + b * kvh * d, c, kvh, d),
+             make_view<const float>(in.v.data() + b * kvh * d, c, kvh, d));
+    kv.attend(0, st, make_view<const float>(q.data(), c, qh, d), make_view(out.data(), c, qh, d),
+              {.lse = make_view(l.data(), c, qh)});
+    o.assign(out.end() - qh * d, out.end());
+    lse.assign(l.end() - qh, l.end());
+  };
+  std::vector<float> whole, lw, a, la, b, lb;
+  last_row(0, n, whole, lw);
+  last_row(0, n1, a, la);
+  last_row(n1, n, b, lb);
+  merge_attention(make_view(a.data(), 1, qh, d), make_view(la.data(), 1, qh),
+                  make_view<const float>(b.data(), 1, qh, d),
+                  make_view<const float>(lb.data(), 1, qh));
+  CHECK(rel(a, whole) < 1e-5);
+  for (std::size_t h = 0; h < qh; ++h) CHECK(std::fabs(la[h] - lw[h]) < 1e-4);
+
+  // A shape mismatch names the tensor and writes nothing.
+  const std::vector<float> before = a;
+  CHECK_THROWS_WITH(merge_attention(make_view(a.data(), 1, qh, d), make_view(la.data(), 1, qh),
+                                    make_view<const float>(b.data(), 1, qh / 2, d),
+                                    make_view<const float>(lb.data(), 1, qh)),
+                    Catch::Contains("part has extent 4 on axis 1"));
+  CHECK(a == before);
 }

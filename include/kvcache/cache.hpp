@@ -142,9 +142,9 @@ class cache {
   static_assert(G::head_dim == dynamic || detail::whole_blocks<P>(G::head_dim),
                 "The static head_dim is not a multiple of the precision's group size: "
                 "quantized rows are made of whole blocks along head_dim.");
-  static_assert(std::is_same_v<B, cpu>,
-                "Only the cpu backend has kernels so far; the cuda backend comes with the "
-                "CUDA kernels.");
+  static_assert(host_backend<B>,
+                "cache<> runs the CPU kernels, which need a host_backend: host memory and a "
+                "context that is, or derives from, cpu::context (see backend/cpu.hpp).");
   static_assert(storage_state<typename S::template state<B>>,
                 "The storage policy's state<B> lacks a member the cache calls (see "
                 "storage_state in concepts.hpp).");

@@ -12,6 +12,7 @@
 #include "grouping/heads.hpp"
 #include "half.hpp"
 #include "memory.hpp"
+#include "merge.hpp"
 #include "precision/floating.hpp"
 #include "precision/quantized.hpp"
 #include "rope.hpp"

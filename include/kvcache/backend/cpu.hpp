@@ -3,6 +3,7 @@
 // OpenMP).
 #pragma once
 
+#include <concepts>
 #include <cstddef>
 #include <new>
 #include <string_view>
@@ -48,6 +49,19 @@ struct cpu {
 };
 
 static_assert(backend_policy<cpu>);
+
+//! host_backend<B>: a backend the CPU kernels run on.
+//!  1. B satisfies backend_policy.
+//!  2. B::context is, or derives from, cpu::context: the kernels split their
+//!     work over its thread pool.
+//!  3. B::allocate returns memory the host reads and writes (not checkable
+//!     here; a device allocator belongs to a backend with its own kernels).
+//! A custom host backend changes where memory comes from (a counting or
+//! pinned allocator, an arena, a NUMA node) and keeps the kernels.
+template <class B>
+concept host_backend = backend_policy<B> && std::derived_from<typename B::context, cpu::context>;
+
+static_assert(host_backend<cpu>);
 
 }  // namespace v0
 }  // namespace kvcache
