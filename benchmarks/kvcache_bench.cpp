@@ -491,7 +491,8 @@ void prefill(benchmark::State& state, std::size_t tokens) {
 //   cascade/fp16/paged16/full/4096+64/8, cascade_off/...
 //                    8 sequences forked from one 4096-token prefix, each with
 //                    64 private tokens, decoding one token each; with and
-//                    without cascade attention. kv_bytes_per_second counts the
+//                    without cascade attention; 64 layers, so the shared
+//                    prefix alone is 1 GiB per step. kv_bytes_per_second counts the
 //                    bytes attended (as if unshared); bytes_read_ratio is what
 //                    plain decode reads over what the cascade reads;
 //                    time_ratio (on the cascade row) is cascade_off's mean
@@ -505,8 +506,9 @@ using paged16_cache = cache<gqa<kHeadDim>, paged<16>, full, fp16>;
 constexpr std::size_t kSharedPrefix = 4096, kPrivateSuffix = 64, kSharingBatch = 8;
 constexpr std::size_t kOpsContext = 32768;
 
-cache_config paged_config(std::size_t max_tokens, std::size_t cascade_min_tokens = 256) {
-  return {.layers = 1,
+cache_config paged_config(std::size_t max_tokens, std::size_t cascade_min_tokens = 256,
+                          std::size_t layers = 1) {
+  return {.layers = layers,
           .q_heads = kQHeads,
           .kv_heads = kKVHeads,
           .max_tokens = max_tokens,
@@ -528,15 +530,19 @@ void append_written(paged16_cache& kv, const std::vector<seq_id>& seqs, std::siz
     std::copy_n(source_k().data() + src, row, k.data() + r * row);
     std::copy_n(source_v().data() + src, row, v.data() + r * row);
   }
-  kv.write(0, st, make_view<const float>(k.data(), rows, kKVHeads, kHeadDim),
-           make_view<const float>(v.data(), rows, kKVHeads, kHeadDim));
+  for (std::size_t l = 0; l < kv.layout().layers; ++l)
+    kv.write(l, st, make_view<const float>(k.data(), rows, kKVHeads, kHeadDim),
+             make_view<const float>(v.data(), rows, kKVHeads, kHeadDim));
 }
 
-//! 8 sequences sharing a 4096-token prefix, each with 64 private tokens.
+//! 8 sequences sharing a 4096-token prefix, each with 64 private tokens, in
+//! as many layers as put the shared prefix alone over kEvictBytes: each
+//! layer's pages come from memory, as in a model, not from the last-level cache.
 struct sharing_fixture : fixture {
   explicit sharing_fixture(bool cascade_)
       : kv(paged_config(kSharedPrefix + kSharingBatch * (kPrivateSuffix + kDecodeMargin + 16),
-                        cascade_ ? 256 : 0)),
+                        cascade_ ? 256 : 0,
+                        layers_for(kSharedPrefix, 1, fp16::row_bytes(kHeadDim)))),
         out(kSharingBatch * kQHeads * kHeadDim) {
     const seq_id root = kv.add_sequence(kSharedPrefix + kPrivateSuffix + kDecodeMargin);
     for (std::size_t done = 0; done < kSharedPrefix; done += kFillChunk)
@@ -559,10 +565,12 @@ struct sharing_fixture : fixture {
   }
   void decode_step() {
     const step st = kv.begin_step(appends);
-    kv.write(0, st, make_view(source_k().data(), kSharingBatch, kKVHeads, kHeadDim),
-             make_view(source_v().data(), kSharingBatch, kKVHeads, kHeadDim));
-    kv.attend(0, st, make_view(source_q().data(), kSharingBatch, kQHeads, kHeadDim),
-              make_view(out.data(), kSharingBatch, kQHeads, kHeadDim));
+    for (std::size_t l = 0; l < kv.layout().layers; ++l) {
+      kv.write(l, st, make_view(source_k().data(), kSharingBatch, kKVHeads, kHeadDim),
+               make_view(source_v().data(), kSharingBatch, kKVHeads, kHeadDim));
+      kv.attend(l, st, make_view(source_q().data(), kSharingBatch, kQHeads, kHeadDim),
+                make_view(out.data(), kSharingBatch, kQHeads, kHeadDim));
+    }
     ++decoded;
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
@@ -583,7 +591,9 @@ void shared_decode(benchmark::State& state, const std::string& name, bool cascad
     state.SkipWithError("the step was not planned as expected");
     return;
   }
-  const double token_bytes = 2.0 * kKVHeads * double(fp16::row_bytes(kHeadDim));
+  // Bytes of one token's K and V over all the fixture's layers.
+  const double token_bytes =
+      2.0 * kKVHeads * double(fp16::row_bytes(kHeadDim)) * double(fx.kv.layout().layers);
   double attended = 0, read = 0;
   timed_region timer;
   for (auto _ : state) {

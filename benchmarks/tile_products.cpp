@@ -1,8 +1,9 @@
-// tile/<impl>: the two products of one prefill tile (S = Q Kt, then
-// O = O * corr + P V) for the shapes prefill uses (64 query rows, a 64-key
-// tile, head_dim 128), on one thread, through the library's hand-vectorised
-// loops and through Eigen's GEMM. It settles which the prefill kernel uses;
-// counter gflops (4 x 64 x 64 x 128 FLOPs per call / time).
+// tile/<impl>: the two products of one prefill tile (scores of 64 query rows
+// against a 64-key tile, then O = O * corr + P V) at head_dim 128, on one
+// thread, through the library's hand-vectorised loops (scores transposed,
+// St = K Qt, with key rows read as stored) and through Eigen's GEMM. It
+// settles which the prefill kernel uses; counter gflops (4 x 64 x 64 x 128
+// FLOPs per call / time).
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -17,6 +18,7 @@ constexpr std::size_t kRows = 64, kDim = 128, kKeys = kvcache::detail::prefill_k
 
 struct tile_operands {
   std::vector<float> q, kt, s, v, o, corr;
+  std::vector<const float*> krows, vrows;
   tile_operands()
       : q(kRows * kDim),
         kt(kDim * kKeys),
@@ -28,6 +30,12 @@ struct tile_operands {
     std::normal_distribution<float> n(0.f, 0.1f);
     for (auto* x : {&q, &kt, &v})
       for (float& e : *x) e = n(rng);
+    // The hand loops read q as Qt (dim, rows) and K as rows (keys, dim); the
+    // values are the same random numbers either way.
+    for (std::size_t j = 0; j < kKeys; ++j) {
+      krows.push_back(kt.data() + j * kDim);
+      vrows.push_back(v.data() + j * kDim);
+    }
   }
 };
 
@@ -42,8 +50,8 @@ void report(benchmark::State& state) {
 void tile_hand(benchmark::State& state) {
   tile_operands t;
   for (auto _ : state) {
-    kvcache::detail::tile_scores(t.q.data(), t.kt.data(), t.s.data(), kRows, kDim);
-    kvcache::detail::tile_accumulate(t.s.data(), t.v.data(), t.o.data(), t.corr.data(), kRows,
+    kvcache::detail::tile_scores(t.q.data(), t.krows.data(), t.s.data(), kRows, kKeys, kDim);
+    kvcache::detail::tile_accumulate(t.s.data(), t.vrows.data(), t.o.data(), t.corr.data(), kRows,
                                      kKeys, kDim);
     benchmark::DoNotOptimize(t.o.data());
     benchmark::ClobberMemory();

@@ -40,45 +40,76 @@ struct prefill_args {
   tensor_view<const float, 3> q_sink{};
 };
 
-inline std::size_t prefill_rows_padded(std::size_t rows) noexcept { return (rows + 3) / 4 * 4; }
+//! Query rows are padded to whole vectors: the tile kernels hold rows in lanes.
+inline std::size_t prefill_rows_padded(std::size_t rows) noexcept {
+  return (rows + simd::lanes - 1) / simd::lanes * simd::lanes;
+}
 
 //! Floats of per-worker scratch the prefill kernel needs for tiles of `rows` rows.
 inline std::size_t prefill_scratch_floats(const kv_layout& L, std::size_t rows) noexcept {
   const std::size_t R = prefill_rows_padded(rows), D = L.head_dim, B = prefill_kv_tile;
-  return 3 * R * D + R * B + 3 * D * B + 3 * R + 64;
+  return 3 * R * D + R * B + 3 * D * B + 3 * R + D + 64;
 }
 
-//! S = Q Kt for one tile: Q (R, dim), Kt (dim, prefill_kv_tile), S (R,
-//! prefill_kv_tile); R a multiple of 4, dim of 16. Register-blocked four rows
-//! at a time. The same shapes through Eigen's GEMM measured no faster
-//! (benchmarks/tile_products.cpp), so the headers keep no Eigen dependency.
-KVCACHE_ALWAYS_INLINE void tile_scores(const float* Q, const float* Kt, float* S, std::size_t R,
-                                       std::size_t dim) noexcept {
+// The tile products keep the query rows in vector lanes: scores are computed
+// transposed, St = K Qt (keys by rows), from the queries transposed once per
+// work item and each key row as it is stored. Nothing is transposed per KV
+// tile (a per-tile K transpose cost as much as the products at 32-64 rows),
+// the online softmax runs down columns of St, a vector of rows at a time, and
+// P V reads St's weights as broadcast operands.
+
+//! St[j, r0 + 0..16 RV) = sum_d K[j][d] Qt[d, r0 + ...] for keys j < nk (nk a
+//! multiple of KB); Qt and St have row stride R.
+template <std::size_t RV>
+KVCACHE_ALWAYS_INLINE void tile_scores_block(const float* Qt, const float* const* K, float* St,
+                                             std::size_t R, std::size_t r0, std::size_t nk,
+                                             std::size_t dim) noexcept {
   using namespace simd;
-  constexpr std::size_t B = prefill_kv_tile, NB = B / lanes;
-  for (std::size_t r = 0; r < R; r += 4) {
-    vf acc[4][NB] = {};
+  constexpr std::size_t KB = RV >= 3 ? 4 : 8;  // keys per pass: KB x RV accumulators
+  for (std::size_t j = 0; j < nk; j += KB) {
+    vf acc[KB][RV] = {};
     for (std::size_t d = 0; d < dim; ++d) {
-      vf kt[NB];
-      for (std::size_t b = 0; b < NB; ++b) kt[b] = load(Kt + d * B + b * lanes);
-      for (std::size_t rr = 0; rr < 4; ++rr) {
-        const vf qv = splat(Q[(r + rr) * dim + d]);
-        for (std::size_t b = 0; b < NB; ++b) acc[rr][b] += qv * kt[b];
+      vf qv[RV];
+      for (std::size_t v = 0; v < RV; ++v) qv[v] = load(Qt + d * R + r0 + v * lanes);
+      for (std::size_t k = 0; k < KB; ++k) {
+        const vf kb = splat(K[j + k][d]);
+        for (std::size_t v = 0; v < RV; ++v) acc[k][v] += kb * qv[v];
       }
     }
-    for (std::size_t rr = 0; rr < 4; ++rr)
-      for (std::size_t b = 0; b < NB; ++b) store(S + (r + rr) * B + b * lanes, acc[rr][b]);
+    for (std::size_t k = 0; k < KB; ++k)
+      for (std::size_t v = 0; v < RV; ++v) store(St + (j + k) * R + r0 + v * lanes, acc[k][v]);
   }
 }
 
-//! O = O * corr + P V for one tile: P (R, prefill_kv_tile) of which the first
-//! nk columns count, V (nk, dim), O (R, dim), corr (R); R even. Two rows and
-//! up to 8 vectors of dims at a time.
-KVCACHE_ALWAYS_INLINE void tile_accumulate(const float* P, const float* V, float* O,
+//! St (B, R) = K Qt for one tile: Qt (dim, R), K nk key rows (pointers; nk a
+//! multiple of 8, rows past the tile's keys point at zeros), R a multiple of 16.
+KVCACHE_ALWAYS_INLINE void tile_scores(const float* Qt, const float* const* K, float* St,
+                                       std::size_t R, std::size_t nk, std::size_t dim) noexcept {
+  constexpr std::size_t L = simd::lanes;
+  std::size_t r0 = 0;
+  for (; r0 + 4 * L <= R; r0 += 4 * L) tile_scores_block<4>(Qt, K, St, R, r0, nk, dim);
+  switch ((R - r0) / L) {
+    case 3:
+      tile_scores_block<3>(Qt, K, St, R, r0, nk, dim);
+      break;
+    case 2:
+      tile_scores_block<2>(Qt, K, St, R, r0, nk, dim);
+      break;
+    case 1:
+      tile_scores_block<1>(Qt, K, St, R, r0, nk, dim);
+      break;
+    default:
+      break;
+  }
+}
+
+//! O = O * corr + P V for one tile: weights Pt (B, R) transposed like St, of
+//! which the first nk keys count, V nk value rows (pointers), O (R, dim),
+//! corr (R); R even. Two rows and up to 8 vectors of dims at a time.
+KVCACHE_ALWAYS_INLINE void tile_accumulate(const float* Pt, const float* const* V, float* O,
                                            const float* corr, std::size_t R, std::size_t nk,
                                            std::size_t dim) noexcept {
   using namespace simd;
-  constexpr std::size_t B = prefill_kv_tile;
   const std::size_t nc = dim / lanes;
   for (std::size_t c0 = 0; c0 < nc; c0 += 8) {
     const std::size_t cn = std::min<std::size_t>(8, nc - c0);
@@ -88,9 +119,10 @@ KVCACHE_ALWAYS_INLINE void tile_accumulate(const float* P, const float* V, float
         for (std::size_t c = 0; c < cn; ++c)
           acc[rr][c] = load(O + (r + rr) * dim + (c0 + c) * lanes) * corr[r + rr];
       for (std::size_t j = 0; j < nk; ++j) {
-        const vf p0 = splat(P[r * B + j]), p1 = splat(P[(r + 1) * B + j]);
+        const vf p0 = splat(Pt[j * R + r]), p1 = splat(Pt[j * R + r + 1]);
+        const float* vj = V[j] + c0 * lanes;
         for (std::size_t c = 0; c < cn; ++c) {
-          const vf vv = load(V + j * dim + (c0 + c) * lanes);
+          const vf vv = load(vj + c * lanes);
           acc[0][c] += p0 * vv;
           acc[1][c] += p1 * vv;
         }
@@ -113,47 +145,74 @@ inline void rope_row(float* x, const float* cs, std::size_t rotary_dim, bool int
   }
 }
 
+//! A row of the tile as floats: the stored row itself for fp32, else decoded
+//! (or copied, to be rotated) into `buf`.
+template <class P>
+KVCACHE_ALWAYS_INLINE const float* float_row(const std::byte* src, std::size_t dim, std::size_t rb,
+                                             float* buf) noexcept {
+  using namespace simd;
+  const auto* r = rows<P>(src, 1, dim, rb, buf);
+  if constexpr (std::is_same_v<row_t<P>, float>) {
+    return r;
+  } else {
+    for (std::size_t c = 0; c < dim / lanes; ++c) store(buf + c * lanes, load(r + c * lanes));
+    return buf;
+  }
+}
+
 template <class P, std::size_t D>
 void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scratch) {
   using namespace simd;
-  constexpr std::size_t B = prefill_kv_tile, NB = B / lanes;
+  constexpr std::size_t B = prefill_kv_tile;
   const kv_layout& L = *a.layout;
-  const std::size_t g = L.group(), dim = D ? D : L.head_dim, nc = dim / lanes, rb = L.row_bytes;
+  const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
   const seq_view& sv = a.seqs[it.seq];
   const std::size_t nrows = (it.row_end - it.row_begin) * g, R = prefill_rows_padded(nrows);
+  const std::size_t RV = R / lanes;
 
-  float* Q = scratch;          // (R, dim)  scaled queries
-  float* O = Q + R * dim;      // (R, dim)  unnormalised output
-  float* S = O + R * dim;      // (R, B)    scores, then weights
-  float* Kt = S + R * B;       // (dim, B)  K tile, transposed
-  float* Vf = Kt + dim * B;    // (B, dim)  V tile
-  float* conv = Vf + B * dim;  // (B, dim) decoded rows for non-direct precisions
-  float* Qs = conv + B * dim;  // (R, dim)  scaled queries for the sinks, if they differ
-  float* m = Qs + R * dim;     // (R)
+  float* Qt = scratch;         // (dim, R)  scaled queries, transposed
+  float* Qst = Qt + R * dim;   // (dim, R)  the same for the sinks, if they differ
+  float* O = Qst + R * dim;    // (R, dim)  unnormalised output
+  float* St = O + R * dim;     // (B, R)    scores, then weights, transposed
+  float* Kf = St + R * B;      // (B, dim)  K rows as floats, when not stored so
+  float* Vf = Kf + B * dim;    // (B, dim)  V rows as floats, when not stored so
+  float* zero = Vf + B * dim;  // (dim)     the row that pads a tile to whole key blocks
+  float* m = zero + dim;       // (R)
   float* l = m + R;            // (R)
   float* corr = l + R;         // (R)
+  // Kf's third block of B x dim floats (scratch holds 3 D B) is unused: RoPE
+  // rotates rows in Kf itself.
 
   const std::size_t last_pos = a.non_causal ? sv.kv_len - 1 : sv.first_pos + it.row_end - 1;
   const bool own_sink_q = !a.q_sink.empty() && sv.sink_len > 0;
+  for (std::size_t d = 0; d < dim; ++d) zero[d] = 0.f;
   for (std::size_t r = 0; r < R; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.f;
     for (std::size_t d = 0; d < dim; ++d) O[r * dim + d] = 0.f;
     if (r >= nrows) {
-      for (std::size_t d = 0; d < dim; ++d) Q[r * dim + d] = Qs[r * dim + d] = 0.f;
+      for (std::size_t d = 0; d < dim; ++d) Qt[d * R + r] = Qst[d * R + r] = 0.f;
       continue;
     }
     const std::size_t tok = it.row_begin + r / g, h = it.head * g + r % g;
     const float* src = &a.q(sv.q_begin + tok, h, 0);
-    for (std::size_t d = 0; d < dim; ++d) Q[r * dim + d] = src[d] * a.scale;
+    for (std::size_t d = 0; d < dim; ++d) Qt[d * R + r] = src[d] * a.scale;
     if (own_sink_q) {
       const float* ss = &a.q_sink(sv.q_begin + tok, h, 0);
-      for (std::size_t d = 0; d < dim; ++d) Qs[r * dim + d] = ss[d] * a.scale;
+      for (std::size_t d = 0; d < dim; ++d) Qst[d * R + r] = ss[d] * a.scale;
     }
   }
   auto row_pos = [&](std::size_t r) {
     return r < nrows && !a.non_causal ? sv.first_pos + it.row_begin + r / g : last_pos;
   };
+  // Each row's position, a vector of rows at a time, for the masks.
+  vi posv[4 * 16];  // R <= 64 x 16 rows
+  const std::size_t nposv = std::min<std::size_t>(RV, 64);
+  for (std::size_t v = 0; v < nposv; ++v)
+    for (std::size_t i = 0; i < lanes; ++i)
+      posv[v][i] = static_cast<std::int32_t>(row_pos(v * lanes + i));
+  const bool vector_mask = RV <= 64 && last_pos < (std::size_t{1} << 30);
+
   const std::size_t kr = L.run_offset(sv.page_tokens, a.layer, 0, it.head);
   const std::size_t vr = L.run_offset(sv.page_tokens, a.layer, 1, it.head);
   const std::size_t window = a.non_causal ? 0 : sv.window;
@@ -165,66 +224,72 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
   const std::size_t lo =
       std::max(sinks, window && first_row + 1 > window ? first_row + 1 - window : 0);
 
+  const float* kp[B];
+  const float* vp[B];
   for (std::size_t k0 = 0; k0 <= last_pos;) {
     if (k0 == sinks && k0 < lo) k0 = lo;
     if (k0 > last_pos) break;
     const bool in_sinks = k0 < sinks;
     const std::size_t nk = std::min(B, (in_sinks ? sinks : last_pos + 1) - k0);
-    const float* Qt = in_sinks && own_sink_q ? Qs : Q;
-    // Tiles of K (transposed) and V in fp32; rows past nk are zero.
-    for (std::size_t j = 0; j < B; ++j) {
-      if (j >= nk) {
-        for (std::size_t d = 0; d < dim; ++d) Kt[d * B + j] = 0.f;
-        for (std::size_t d = 0; d < dim; ++d) Vf[j * dim + d] = 0.f;
-        continue;
-      }
-      const auto* k = rows<P>(sv.row(kr, k0 + j, rb), 1, dim, rb, conv);
-      const auto* v = rows<P>(sv.row(vr, k0 + j, rb), 1, dim, rb, conv + dim);
+    const std::size_t nk8 = (nk + 7) / 8 * 8;
+    const float* Qtile = in_sinks && own_sink_q ? Qst : Qt;
+    for (std::size_t j = 0; j < nk; ++j) {
+      const std::byte* ks = sv.row(kr, k0 + j, rb);
       if (sv.rope_cs) {  // RoPE on read, at the key's cache index
-        float* kf = conv + 2 * dim;
-        for (std::size_t c = 0; c < nc; ++c) store(kf + c * lanes, load(k + c * lanes));
+        float* kf = Kf + j * dim;
+        const auto* k = rows<P>(ks, 1, dim, rb, kf);
+        for (std::size_t c = 0; c < dim / lanes; ++c) store(kf + c * lanes, load(k + c * lanes));
         rope_row(kf, sv.rope_cs + (k0 + j) * sv.rotary_dim, sv.rotary_dim, sv.rope_interleaved);
-        for (std::size_t c = 0; c < nc; ++c) {
-          const vf kv = load(kf + c * lanes);
-          for (std::size_t i = 0; i < lanes; ++i) Kt[(c * lanes + i) * B + j] = kv[i];
-          store(Vf + j * dim + c * lanes, load(v + c * lanes));
+        kp[j] = kf;
+      } else {
+        kp[j] = float_row<P>(ks, dim, rb, Kf + j * dim);
+      }
+      vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim);
+    }
+    for (std::size_t j = nk; j < nk8; ++j) kp[j] = zero;
+    tile_scores(Qtile, kp, St, R, nk8, dim);
+    // Masks (causal, window, sparse) and the online softmax, down St's
+    // columns a vector of rows at a time.
+    const bool windowed = !in_sinks && window;
+    for (std::size_t v = 0; v < RV; ++v) {
+      const std::size_t r0 = v * lanes;
+      float* col = St + r0;
+      if (vector_mask) {
+        for (std::size_t j = 0; j < nk; ++j) {
+          const std::int32_t key = static_cast<std::int32_t>(k0 + j);
+          vi hidden = posv[v] < key;
+          if (windowed) hidden |= posv[v] >= key + static_cast<std::int32_t>(window);
+          store(col + j * R, select(hidden, splat(-INFINITY), load(col + j * R)));
         }
-        continue;
+      } else {
+        for (std::size_t j = 0; j < nk; ++j)
+          for (std::size_t i = 0; i < lanes; ++i) {
+            const std::size_t pos = row_pos(r0 + i);
+            if (k0 + j > pos || (windowed && k0 + j + window <= pos)) col[j * R + i] = -INFINITY;
+          }
       }
-      for (std::size_t c = 0; c < nc; ++c) {
-        const vf kv = load(k + c * lanes);
-        for (std::size_t i = 0; i < lanes; ++i) Kt[(c * lanes + i) * B + j] = kv[i];
-        store(Vf + j * dim + c * lanes, load(v + c * lanes));
-      }
-    }
-    tile_scores(Qt, Kt, S, R, dim);
-    // Causal (and window) mask and online softmax per row.
-    for (std::size_t r = 0; r < R; ++r) {
-      float* s = S + r * B;
-      const std::size_t pos = row_pos(r);
-      for (std::size_t j = 0; j < B; ++j)
-        if (j >= nk || k0 + j > pos || (!in_sinks && window && k0 + j + window <= pos) ||
-            (sv.sparse && !a.non_causal && !sv.sparse->visible(k0 + j, pos)))
-          s[j] = -INFINITY;
-      vf mx = load(s);
-      for (std::size_t b = 1; b < NB; ++b) mx = max(mx, load(s + b * lanes));
-      const float mn = std::max(m[r], reduce_max(mx));
-      if (mn == -INFINITY) {  // every key of this tile is hidden from the row: no update
-        corr[r] = 1.f;
-        for (std::size_t b = 0; b < NB; ++b) store(s + b * lanes, vf{});
-        continue;
-      }
+      if (sv.sparse && !a.non_causal)
+        for (std::size_t j = 0; j < nk; ++j)
+          for (std::size_t i = 0; i < lanes; ++i)
+            if (!sv.sparse->visible(k0 + j, row_pos(r0 + i))) col[j * R + i] = -INFINITY;
+      vf mx = splat(-INFINITY);
+      for (std::size_t j = 0; j < nk; ++j) mx = max(mx, load(col + j * R));
+      const vf mo = load(m + r0);
+      const vf mn = max(mo, mx);
+      // A row that sees no key yet keeps m = -inf; its weights are 0, not NaN.
+      const vf base = select(mn == splat(-INFINITY), vf{}, mn);
       vf sum{};
-      for (std::size_t b = 0; b < NB; ++b) {
-        const vf p = exp_neg(load(s + b * lanes) - mn);
+      for (std::size_t j = 0; j < nk; ++j) {
+        const vf p = exp_neg(load(col + j * R) - base);
         sum += p;
-        store(s + b * lanes, p);
+        store(col + j * R, p);
       }
-      corr[r] = std::exp(m[r] - mn);
-      l[r] = l[r] * corr[r] + reduce_add(sum);
-      m[r] = mn;
+      const vf c = exp_neg(mo - base);
+      store(corr + r0, c);
+      store(l + r0, load(l + r0) * c + sum);
+      store(m + r0, mn);
     }
-    tile_accumulate(S, Vf, O, corr, R, nk, dim);
+    tile_accumulate(St, vp, O, corr, R, nk, dim);
     k0 += nk;
   }
   for (std::size_t r = 0; r < nrows; ++r) {
