@@ -260,6 +260,16 @@ TEST_CASE("quantized caches under sinks and windows, at every step", "[eviction]
   check_stream<cache<gqa<64>, paged<>, sliding_window<>, int8_kv<>>>(llama_rope(64), 0, 33, 60);
 }
 
+TEST_CASE("per-channel keys under sinks and windows, at every step",
+          "[eviction][rope][quant][kchan]") {
+  // Sinks of one key group, windows of whole residuals; prefill chunks cross
+  // the residual's flushes and the window's edge (contiguous ring, 8-token pages).
+  check_stream<cache<gqa<64>, contiguous, attention_sinks<>, per_channel_k<int4_kv<true>>>>(
+      llama_rope(64), 32, 64, 80);
+  check_stream<cache<gqa<64>, paged<>, sliding_window<>, per_channel_k<int2_kv, 32, 64>>>(
+      llama_rope(64), 0, 64, 60);
+}
+
 TEST_CASE("sliding_window equals the float64 reference at absolute positions", "[eviction][rope]") {
   check_stream<cache<gqa<64>, contiguous, sliding_window<>, fp32>>(llama_rope(64), 0, 20, 100);
   check_stream<cache<gqa<64>, paged<>, sliding_window<>, fp16>>(llama_rope(64, true), 0, 33, 100);

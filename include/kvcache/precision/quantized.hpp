@@ -13,6 +13,7 @@
 #include "int2.hpp"
 #include "int4.hpp"
 #include "int8.hpp"
+#include "per_channel.hpp"
 #include "rotated.hpp"
 
 namespace kvcache {

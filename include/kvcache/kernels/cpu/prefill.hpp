@@ -2,7 +2,8 @@
 // decode reads. One work item is a tile of up to 64 query rows (all query heads
 // of one KV head's group for several new tokens); it walks the KV tiles up to
 // its last position with an online softmax, so no N x N score matrix exists.
-// A KV tile is converted to fp32 once and used by every row of the group.
+// A KV tile is converted to fp32 once and used by every row of the group
+// (per-channel keys: each key from its group's rows or the fp16 residual).
 // Tile products are hand-vectorised register-blocked loops (tile_scores,
 // tile_accumulate), as fast as Eigen's GEMM at these shapes.
 #pragma once
@@ -15,6 +16,7 @@
 #include "../../tensor.hpp"
 #include "../plan.hpp"
 #include "../view.hpp"
+#include "kchan.hpp"
 #include "rows.hpp"
 
 namespace kvcache {
@@ -178,7 +180,13 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
         for (std::size_t d = 0; d < dim; ++d) Vf[j * dim + d] = 0.f;
         continue;
       }
-      const auto* k = rows<P>(sv.row(kr, k0 + j, rb), 1, dim, rb, conv);
+      const row_t<P>* k;
+      if constexpr (channel_keys<P>) {  // from its group's rows or the residual
+        kchan_key<P>(sv, L, a.layer, it.head, k0 + j, conv);
+        k = conv;
+      } else {
+        k = rows<P>(sv.row(kr, k0 + j, rb), 1, dim, rb, conv);
+      }
       const auto* v = rows<P>(sv.row(vr, k0 + j, rb), 1, dim, rb, conv + dim);
       if (sv.rope_cs) {  // RoPE on read, at the key's cache index
         float* kf = conv + 2 * dim;
