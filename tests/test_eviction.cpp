@@ -262,12 +262,15 @@ TEST_CASE("quantized caches under sinks and windows, at every step", "[eviction]
 
 TEST_CASE("per-channel keys under sinks and windows, at every step",
           "[eviction][rope][quant][kchan]") {
-  // Sinks of one key group, windows of whole residuals; prefill chunks cross
-  // the residual's flushes and the window's edge (contiguous ring, 8-token pages).
+  // Sinks of whole key groups, windows of whole residuals; prefill chunks
+  // cross the residual's flushes and the window's edge (contiguous ring,
+  // 8-token pages).
   check_stream<cache<gqa<64>, contiguous, attention_sinks<>, per_channel_k<int4_kv<true>>>>(
       llama_rope(64), 32, 64, 80);
-  check_stream<cache<gqa<64>, paged<>, sliding_window<>, per_channel_k<int2_kv, 32, 64>>>(
-      llama_rope(64), 0, 64, 60);
+  // A 64-token residual straddles 32 sinks and the window before the first flush.
+  using paged_sinks = cache<gqa<64>, paged<>, attention_sinks<>, per_channel_k<int2_kv, 32, 64>>;
+  check_stream<paged_sinks>(llama_rope(64), 32, 64, 60);
+  check_stream<paged_sinks>(llama_rope(64), 0, 128, 40);
 }
 
 TEST_CASE("sliding_window equals the float64 reference at absolute positions", "[eviction][rope]") {

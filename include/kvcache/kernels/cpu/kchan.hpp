@@ -111,9 +111,9 @@ void write_kchan(thread_pool& pool, const kv_layout& L, std::size_t layer,
           const float* src = &k(s.q_begin + u - a, h, 0);
           for (std::size_t d = 0; d < dim; ++d) xr[d] = fp16_round(src[d]);
         }
-        // Cache index of token u: first_pos - a + u.
-        rows[j] = kchan_row(s, kr, s.first_pos,
-                            static_cast<std::ptrdiff_t>(u) - static_cast<std::ptrdiff_t>(a), rb);
+        // Token u is kept, at cache index first_pos - a + u (the residual
+        // lies inside the window).
+        rows[j] = s.row(kr, s.first_pos - a + u, rb);
       }
       KF::encode_group(x, rows, dim);
     }
