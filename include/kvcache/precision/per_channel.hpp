@@ -139,13 +139,14 @@ struct channel_format {
     return half_bits_to_float(h);
   }
 
-  //! Decodes token row `row` of a group whose rows are rows[0..G).
+  //! Decodes token row `row` of a group whose rows are rows[0..G) into
+  //! out[0], out[stride], ...
   static void decode_token(const std::byte* row, const std::byte* const* rows, std::size_t dim,
-                           float* out) noexcept {
+                           float* out, std::size_t stride = 1) noexcept {
     const std::size_t pr = per_row(dim);
     for (std::size_t c = 0; c < dim; ++c)
-      out[c] = scale(rows[c / pr], c, dim) * static_cast<float>(code(row, c)) +
-               min(rows[c / pr], c, dim);
+      out[c * stride] = scale(rows[c / pr], c, dim) * static_cast<float>(code(row, c)) +
+                        min(rows[c / pr], c, dim);
   }
 };
 

@@ -125,18 +125,19 @@ void write_kchan(thread_pool& pool, const kv_layout& L, std::size_t layer,
   });
 }
 
-//! Decodes the key of cache index i into out (dim floats): from the residual
-//! for the newest res_len tokens, else from its group's rows.
+//! Decodes the key of cache index i into out[0], out[stride], ... (dim
+//! floats; prefill passes a column of its transposed K tile): from the
+//! residual for the newest res_len tokens, else from its group's rows.
 template <class P>
 void kchan_key(const seq_view& sv, const kv_layout& L, std::size_t layer, std::size_t head,
-               std::size_t i, float* out) noexcept {
+               std::size_t i, float* out, std::size_t stride = 1) noexcept {
   using KF = typename P::key_format;
   constexpr std::size_t G = P::token_group;
   const std::size_t dim = L.head_dim, rb = L.row_bytes;
   if (i + sv.res_len >= sv.kv_len) {
     const std::uint16_t* r =
         kchan_residual(sv, L, layer, head) + (i + sv.res_len - sv.kv_len) * dim;
-    for (std::size_t d = 0; d < dim; ++d) out[d] = half_bits_to_float(r[d]);
+    for (std::size_t d = 0; d < dim; ++d) out[d * stride] = half_bits_to_float(r[d]);
     return;
   }
   const std::size_t kr = L.run_offset(sv.page_tokens, layer, 0, head);
@@ -144,7 +145,7 @@ void kchan_key(const seq_view& sv, const kv_layout& L, std::size_t layer, std::s
   const std::byte* rows[G];
   for (std::size_t r = 0; r < G; ++r)
     rows[r] = kchan_row(sv, kr, i, static_cast<std::ptrdiff_t>(r) - ph, rb);
-  KF::decode_token(kchan_row(sv, kr, i, 0, rb), rows, dim, out);
+  KF::decode_token(kchan_row(sv, kr, i, 0, rb), rows, dim, out, stride);
 }
 
 //! Sixteen codes (channels 16 c ..) of a K row, as floats.

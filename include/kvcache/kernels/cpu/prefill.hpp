@@ -180,13 +180,16 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
         for (std::size_t d = 0; d < dim; ++d) Vf[j * dim + d] = 0.f;
         continue;
       }
-      const row_t<P>* k;
-      if constexpr (channel_keys<P>) {  // from its group's rows or the residual
-        kchan_key<P>(sv, L, a.layer, it.head, k0 + j, conv);
-        k = conv;
-      } else {
-        k = rows<P>(sv.row(kr, k0 + j, rb), 1, dim, rb, conv);
+      if constexpr (channel_keys<P>) {
+        // Straight into the tile's column, from the key's group rows or the
+        // residual; values from P's rows. (No RoPE on read: that needs a
+        // scattered eviction, which per-channel keys do not take.)
+        kchan_key<P>(sv, L, a.layer, it.head, k0 + j, Kt + j, B);
+        const auto* v = rows<P>(sv.row(vr, k0 + j, rb), 1, dim, rb, conv + dim);
+        for (std::size_t c = 0; c < nc; ++c) store(Vf + j * dim + c * lanes, load(v + c * lanes));
+        continue;
       }
+      const auto* k = rows<P>(sv.row(kr, k0 + j, rb), 1, dim, rb, conv);
       const auto* v = rows<P>(sv.row(vr, k0 + j, rb), 1, dim, rb, conv + dim);
       if (sv.rope_cs) {  // RoPE on read, at the key's cache index
         float* kf = conv + 2 * dim;
