@@ -273,6 +273,40 @@ TEST_CASE("per-channel keys under sinks and windows, at every step",
   check_stream<paged_sinks>(llama_rope(64), 0, 128, 40);
 }
 
+TEST_CASE("per-channel keys: fork under sinks and a window on 8-token pages",
+          "[eviction][paged][quant][kchan]") {
+  // The fork shares pages whose keys are still in the residual; each
+  // sequence's flush then copies the shared pages it writes into, after the
+  // window has dropped pages (the page table's logical-to-held mapping).
+  const auto seed = kvtest::test_seed();
+  INFO("seed " << seed);
+  using P = per_channel_k<int4_kv<true>>;
+  using C = cache<gqa<64>, paged<8>, attention_sinks<32, 64>, P>;
+  window_model<C> m({.layers = 1,
+                     .q_heads = 2,
+                     .kv_heads = 1,
+                     .max_tokens = 2048,
+                     .threads = 2,
+                     .rope = llama_rope(64)},
+                    seed);
+  auto a = m.add(224);
+  CHECK(m.run({{a, 150}}) <= P::tolerance);
+  for (int i = 0; i < 5; ++i) CHECK(m.run({{a, 1}}) <= P::tolerance);
+  const std::size_t before = m.kv.memory_in_use();
+  auto b = m.fork(a);
+  CHECK(m.kv.memory_in_use() == before + P::residual_bytes(1, 1, 64));  // pages shared
+  for (int i = 0; i < 60; ++i)
+    CHECK(m.run({{a, 1}, {b, i % 7 == 0 ? std::size_t{5} : 1}}) <= P::tolerance);
+  CHECK(m.kv.page_table(a)[0] == m.kv.page_table(b)[0]);  // the sinks' pages stay shared
+  std::unordered_map<const std::byte*, std::size_t> refs;
+  for (seq_id s : {a, b})
+    for (auto* p : m.kv.page_table(s)) ++refs[p];
+  m.kv.store().check_pool(refs);
+  m.kv.remove_sequence(a);
+  m.kv.remove_sequence(b);
+  CHECK(m.kv.memory_in_use() == 0);
+}
+
 TEST_CASE("sliding_window equals the float64 reference at absolute positions", "[eviction][rope]") {
   check_stream<cache<gqa<64>, contiguous, sliding_window<>, fp32>>(llama_rope(64), 0, 20, 100);
   check_stream<cache<gqa<64>, paged<>, sliding_window<>, fp16>>(llama_rope(64, true), 0, 33, 100);

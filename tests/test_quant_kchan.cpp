@@ -155,7 +155,7 @@ TEST_CASE("per-channel keys: constant and zero groups, bytes per element", "[qua
 }
 
 TEMPLATE_TEST_CASE("per-channel keys: decode and prefill equal float64 over the cache's own rows",
-                   "[quant][kchan]", kc4, kc2) {
+                   "[quant][kchan]", kc4, kc2, per_channel_k<int4_kv<>>) {
   const auto seed = kvtest::test_seed();
   INFO("seed " << seed);
   kvtest::dequant_driver<cache<gqa<128>, contiguous, full, TestType>> d(8, 2, 128, 2048, seed);
