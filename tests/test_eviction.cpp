@@ -615,6 +615,9 @@ void check_sparse(const rope_config& rope) {
 TEST_CASE("sparse_pattern matches the masked float64 reference in prefill and decode", "[sparse]") {
   check_sparse<cache<gqa<64>, contiguous, sparse_pattern, fp32>>(rope_config{});
   check_sparse<cache<gqa<64>, paged<>, sparse_pattern, fp16>>(llama_rope(64));
+  // Per-channel keys: decode ranges start and end inside key groups and the residual.
+  check_sparse<cache<gqa<64>, paged<>, sparse_pattern, per_channel_k<int4_kv<true>>>>(
+      llama_rope(64));
   CHECK_THROWS_WITH(
       (cache<gqa<64>, contiguous, sparse_pattern, fp32>({.layers = 1,
                                                          .q_heads = 2,
