@@ -290,8 +290,13 @@ TEST_CASE("per-channel keys: fork under sinks and a window on 8-token pages",
                      .rope = llama_rope(64)},
                     seed);
   auto a = m.add(224);
+  const kv_shape shape{.layers = 1, .kv_heads = 1, .head_dim = 64};
   CHECK(m.run({{a, 150}}) <= P::tolerance);
-  for (int i = 0; i < 5; ++i) CHECK(m.run({{a, 1}}) <= P::tolerance);
+  CHECK(m.kv.memory_in_use() <= windowed_paged_bytes<P>(shape, 32, 64, 150, 8));
+  for (int i = 0; i < 5; ++i) {
+    CHECK(m.run({{a, 1}}) <= P::tolerance);
+    CHECK(m.kv.memory_in_use() <= windowed_paged_bytes<P>(shape, 32, 64, 1, 8));
+  }
   const std::size_t before = m.kv.memory_in_use();
   auto b = m.fork(a);
   CHECK(m.kv.memory_in_use() == before + P::residual_bytes(1, 1, 64));  // pages shared
