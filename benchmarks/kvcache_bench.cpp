@@ -850,7 +850,9 @@ void register_prefill() {
 
 // ---- quantized precisions (issue 5) -------------------------------------------
 // Decode at every context and batch, and prefill, for each block-quantized
-// precision; names as the float ones, e.g. decode/int8/contiguous/full/32768/1.
+// precision; names as the float ones, e.g. decode/int8/contiguous/full/32768/1,
+// decode/int4_asym_kchan/... and decode/int2_kchan_r128/... for per-channel keys
+// (their fp16 residual is not counted in kv_bytes_per_second: at most R tokens).
 // kv_bytes_per_second counts the bytes the quantized rows occupy (codes and
 // fp16 metadata), so read_bw_fraction compares like with like; the speed-up
 // over fp16 is the ratio of the medians (docs/performance.md).
@@ -882,7 +884,8 @@ void register_all() {
   register_prefill<bf16>();
   register_paged();
   register_quantized<int8_kv<>, int4_kv<>, int4_kv<true>, int2_kv, fp8_e4m3_kv<>,
-                     hadamard<int4_kv<>>>();
+                     hadamard<int4_kv<>>, per_channel_k<int4_kv<true>>,
+                     per_channel_k<int2_kv, 32, 128>>();
   register_eviction();
 }
 

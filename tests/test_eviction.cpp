@@ -260,6 +260,58 @@ TEST_CASE("quantized caches under sinks and windows, at every step", "[eviction]
   check_stream<cache<gqa<64>, paged<>, sliding_window<>, int8_kv<>>>(llama_rope(64), 0, 33, 60);
 }
 
+TEST_CASE("per-channel keys under sinks and windows, at every step",
+          "[eviction][rope][quant][kchan]") {
+  // Sinks of whole key groups, windows of whole residuals; prefill chunks
+  // cross the residual's flushes and the window's edge (contiguous ring,
+  // 8-token pages).
+  check_stream<cache<gqa<64>, contiguous, attention_sinks<>, per_channel_k<int4_kv<true>>>>(
+      llama_rope(64), 32, 64, 80);
+  // A 64-token residual straddles 32 sinks and the window before the first flush.
+  using paged_sinks = cache<gqa<64>, paged<>, attention_sinks<>, per_channel_k<int2_kv, 32, 64>>;
+  check_stream<paged_sinks>(llama_rope(64), 32, 64, 60);
+  check_stream<paged_sinks>(llama_rope(64), 0, 128, 40);
+}
+
+TEST_CASE("per-channel keys: fork under sinks and a window on 8-token pages",
+          "[eviction][paged][quant][kchan]") {
+  // The fork shares pages whose keys are still in the residual; each
+  // sequence's flush then copies the shared pages it writes into, after the
+  // window has dropped pages (the page table's logical-to-held mapping).
+  const auto seed = kvtest::test_seed();
+  INFO("seed " << seed);
+  using P = per_channel_k<int4_kv<true>>;
+  using C = cache<gqa<64>, paged<8>, attention_sinks<32, 64>, P>;
+  window_model<C> m({.layers = 1,
+                     .q_heads = 2,
+                     .kv_heads = 1,
+                     .max_tokens = 2048,
+                     .threads = 2,
+                     .rope = llama_rope(64)},
+                    seed);
+  auto a = m.add(224);
+  const kv_shape shape{.layers = 1, .kv_heads = 1, .head_dim = 64};
+  CHECK(m.run({{a, 150}}) <= P::tolerance);
+  CHECK(m.kv.memory_in_use() <= windowed_paged_bytes<P>(shape, 32, 64, 150, 8));
+  for (int i = 0; i < 5; ++i) {
+    CHECK(m.run({{a, 1}}) <= P::tolerance);
+    CHECK(m.kv.memory_in_use() <= windowed_paged_bytes<P>(shape, 32, 64, 1, 8));
+  }
+  const std::size_t before = m.kv.memory_in_use();
+  auto b = m.fork(a);
+  CHECK(m.kv.memory_in_use() == before + P::residual_bytes(1, 1, 64));  // pages shared
+  for (int i = 0; i < 60; ++i)
+    CHECK(m.run({{a, 1}, {b, i % 7 == 0 ? std::size_t{5} : 1}}) <= P::tolerance);
+  CHECK(m.kv.page_table(a)[0] == m.kv.page_table(b)[0]);  // the sinks' pages stay shared
+  std::unordered_map<const std::byte*, std::size_t> refs;
+  for (seq_id s : {a, b})
+    for (auto* p : m.kv.page_table(s)) ++refs[p];
+  m.kv.store().check_pool(refs);
+  m.kv.remove_sequence(a);
+  m.kv.remove_sequence(b);
+  CHECK(m.kv.memory_in_use() == 0);
+}
+
 TEST_CASE("sliding_window equals the float64 reference at absolute positions", "[eviction][rope]") {
   check_stream<cache<gqa<64>, contiguous, sliding_window<>, fp32>>(llama_rope(64), 0, 20, 100);
   check_stream<cache<gqa<64>, paged<>, sliding_window<>, fp16>>(llama_rope(64, true), 0, 33, 100);
@@ -568,6 +620,9 @@ void check_sparse(const rope_config& rope) {
 TEST_CASE("sparse_pattern matches the masked float64 reference in prefill and decode", "[sparse]") {
   check_sparse<cache<gqa<64>, contiguous, sparse_pattern, fp32>>(rope_config{});
   check_sparse<cache<gqa<64>, paged<>, sparse_pattern, fp16>>(llama_rope(64));
+  // Per-channel keys: decode ranges start and end inside key groups and the residual.
+  check_sparse<cache<gqa<64>, paged<>, sparse_pattern, per_channel_k<int4_kv<true>>>>(
+      llama_rope(64));
   CHECK_THROWS_WITH(
       (cache<gqa<64>, contiguous, sparse_pattern, fp32>({.layers = 1,
                                                          .q_heads = 2,

@@ -37,6 +37,7 @@
 #include "kernels/plan.hpp"
 #include "kernels/view.hpp"
 #include "precision/block.hpp"
+#include "precision/per_channel.hpp"
 #include "rope.hpp"
 #include "tensor.hpp"
 
@@ -142,6 +143,14 @@ class cache {
   static_assert(G::head_dim == dynamic || detail::whole_blocks<P>(G::head_dim),
                 "The static head_dim is not a multiple of the precision's group size: "
                 "quantized rows are made of whole blocks along head_dim.");
+  static_assert(!detail::channel_keys<P> || !(E::evicts && !windowed_eviction<E>),
+                "Per-channel keys (per_channel_k) need every row of a key group in its slots; "
+                "an eviction that compacts scattered tokens would split groups. Use full, "
+                "sliding_window or attention_sinks.");
+  static_assert(G::head_dim == dynamic || !detail::channel_keys<P> ||
+                    G::head_dim % detail::token_group_of<P>() == 0,
+                "The static head_dim is not a multiple of per_channel_k's token group: a "
+                "group's head_dim (scale, min) pairs are spread evenly over its rows.");
   static_assert(host_backend<B>,
                 "cache<> runs the CPU kernels, which need a host_backend: host memory and a "
                 "context that is, or derives from, cpu::context (see backend/cpu.hpp).");
@@ -167,6 +176,14 @@ class cache {
     if constexpr (windowed) {
       detail::require(sinks() < cfg_.max_tokens, "sinks ", sinks(), " must be below max_tokens ",
                       cfg_.max_tokens);
+      if constexpr (kchan) {
+        detail::require(sinks() % P::token_group == 0, "sinks ", sinks(),
+                        " is not a multiple of per_channel_k's key group of ", P::token_group,
+                        " tokens; key groups must not straddle the sinks and the window");
+        detail::require(evict_.window() % P::residual == 0, "window ", evict_.window(),
+                        " is not a multiple of per_channel_k's residual of ", P::residual,
+                        " tokens; the fp16 residual must stay inside the window");
+      }
       if (cfg_.max_seq_len == 0)
         cfg_.max_seq_len = std::min(cfg_.max_tokens, sinks() + 2 * evict_.window());
     }
@@ -200,8 +217,9 @@ class cache {
       rope_table_.swap(t);
     }
     seqs_.reserve(seqs_.size() + 1);  // the only allocation that could throw after create
+    auto res = new_residual();
     publish_pending();
-    return insert({store_.create(capacity), 0, sinks()});
+    return insert({store_.create(capacity), 0, sinks(), {}, std::move(res)});
   }
 
   //! Frees a sequence's slots: pages no other sequence holds return to the
@@ -243,6 +261,13 @@ class cache {
                         " eviction dropped position ", p, ", which ", n, " tokens keep");
       }
     }
+    if constexpr (kchan) {
+      constexpr std::size_t R = P::residual;
+      detail::require(n >= s.length / R * R || n % R == 0, "cannot truncate sequence ",
+                      static_cast<std::uint64_t>(id), " to ", n, " tokens: ", P::name,
+                      " quantized the keys of positions below ", s.length / R * R, " in groups of ",
+                      R, " and never re-quantizes; keep at least that many, or a multiple of ", R);
+    }
     publish_pending();
     store_.truncate(s.region, s.length, n);
     if constexpr (scattered) s.pos.resize(keep_n);
@@ -258,8 +283,9 @@ class cache {
   seq_id fork(seq_id id) requires sharing_storage<S> {
     seqs_.reserve(seqs_.size() + 1);
     const sequence& s = find(id)->second;
+    auto res = s.residual;  // the child's own copy of the fp16 residual
     publish_pending();
-    return insert({store_.share(s.region), s.length, s.w0});
+    return insert({store_.share(s.region), s.length, s.w0, {}, std::move(res)});
   }
 
   //! Beam search reordering: beams[i] becomes what beams[from[i]] was before
@@ -279,6 +305,10 @@ class cache {
       detail::require(from[i] < beams.size(), "beam ", i, " copies beam ", from[i], "; there are ",
                       beams.size());
     }
+    std::vector<std::vector<std::uint16_t>> fresh_res(beams.size());
+    if constexpr (kchan)
+      for (std::size_t i = 0; i < beams.size(); ++i)
+        if (from[i] != i) fresh_res[i] = seq[from[i]]->residual;
     publish_pending();
     std::vector<region_t> fresh(beams.size());
     try {
@@ -300,6 +330,7 @@ class cache {
       seq[i]->region = std::move(fresh[i]);
       seq[i]->length = lengths[i];
       seq[i]->w0 = w0[i];
+      seq[i]->residual.swap(fresh_res[i]);
     }
     ++epoch_;
   }
@@ -316,6 +347,7 @@ class cache {
                     " eviction keeps only a window of each sequence");
     if (capacity == 0) capacity = cfg_.max_seq_len;
     seqs_.reserve(seqs_.size() + 1);
+    auto res = new_residual();
     publish_pending();
     region_t r = store_.create(capacity);
     std::size_t n = 0;
@@ -329,7 +361,15 @@ class cache {
       store_.truncate(r, n, capacity);
       n = capacity;
     }
-    return {insert({std::move(r), n, sinks()}), n};
+    if constexpr (kchan) {
+      // Whole residual lengths only: the match then starts with an empty
+      // residual, every matched key quantized in complete groups.
+      if (const std::size_t whole = n / P::residual * P::residual; whole < n) {
+        store_.truncate(r, n, whole);
+        n = whole;
+      }
+    }
+    return {insert({std::move(r), n, sinks(), {}, std::move(res)}), n};
   }
 
   bool contains(seq_id id) const noexcept { return seqs_.count(id) != 0; }
@@ -379,7 +419,9 @@ class cache {
       detail::require(a.tokens > 0, "sequence ", id,
                       " appends 0 tokens; a step appends at least 1");
       const std::size_t cap = store_.capacity(s.region);
-      const std::size_t held = kept_of(s, evict_to(s));  // scattered: every kept token, for now
+      // scattered: every kept token, for now. Per-channel keys under a window
+      // also keep the slots of the oldest kept token's group-mates.
+      const std::size_t held = kept_of(s, evict_to(s)) + group_mates(s);
       detail::require(a.tokens <= cap - held, "sequence ", id, " holds ", held, " tokens; ",
                       a.tokens, " more exceed its capacity of ", cap, " under ", E::name,
                       " eviction");
@@ -409,9 +451,13 @@ class cache {
     std::size_t pages = 0;
     std::size_t freed = 0;
     for (std::size_t i = 0; i < appends.size(); ++i) {
-      pages += store_.prepare(seen[i]->region, seen[i]->length, appends[i].tokens);
+      if constexpr (kchan)
+        pages +=
+            store_.prepare(seen[i]->region, seen[i]->length, appends[i].tokens, flushed(*seen[i]));
+      else
+        pages += store_.prepare(seen[i]->region, seen[i]->length, appends[i].tokens);
       if constexpr (windowed)
-        freed += store_.evicted_pages(seen[i]->region, sinks(), evict_to(*seen[i]));
+        freed += store_.evicted_pages(seen[i]->region, sinks(), drop_to(*seen[i]));
     }
     // Pages the step's evictions return are free again before it takes any.
     store_.reserve(pages - std::min(pages, freed));
@@ -433,6 +479,13 @@ class cache {
         v.window = evict_.window();
         sink_q = sink_q || (w0 > sinks() && v.sink_len > 0);
       }
+      if constexpr (kchan) {
+        v.residual = seen[i]->residual.data();
+        v.residual_tokens = P::residual;
+        v.res_prev = s.length % P::residual;
+        v.res_len = (s.length + appends[i].tokens) % P::residual;
+        v.pos_offset = s.length - held;
+      }
       if (keys_rotated_on_read()) {
         v.rope_cs = rope_table_.data();
         v.rotary_dim = cfg_.rope.rotary_dim;
@@ -442,7 +495,7 @@ class cache {
       st.tokens_ += appends[i].tokens;
     }
     if constexpr (sparse_selection<E>) plan_sparse(st);
-    if constexpr (sharing_storage<S> && !E::evicts && !sparse_selection<E>)
+    if constexpr (sharing_storage<S> && !E::evicts && !sparse_selection<E> && !kchan)
       st.cascade_ = detail::make_cascade_plan(layout_, st.seqs_, cfg_.cascade_min_tokens);
     if (cfg_.rope.rotary_dim) plan_rope(st, seen, sink_q);
     st.plan_ = detail::make_plan(layout_, st.seqs_, st.cascade_.decode_begin);
@@ -453,13 +506,18 @@ class cache {
     for (std::size_t i = 0; i < appends.size(); ++i) {
       sequence& s = *seen[i];
       if constexpr (windowed) {
+        const std::size_t drop = drop_to(s);
         s.w0 = evict_to(s);
-        store_.evict(s.region, sinks(), s.w0);
-        store_.grow(s.region, s.length, appends[i].tokens,
-                    {});  // evicting pages are never published
+        store_.evict(s.region, sinks(), drop);
+        if constexpr (kchan)  // evicting pages are never published
+          store_.grow(s.region, s.length, appends[i].tokens, {}, flushed(s));
+        else
+          store_.grow(s.region, s.length, appends[i].tokens, {});
         store_.window_view(s.region, sinks(), st.seqs_[i].sink_len, s.w0, st.seqs_[i]);
       } else if constexpr (scattered) {
         compact(s, survivors[i]);
+      } else if constexpr (kchan) {
+        store_.grow(s.region, s.length, appends[i].tokens, appends[i].ids, flushed(s));
       } else {
         store_.grow(s.region, s.length, appends[i].tokens, appends[i].ids);
       }
@@ -488,7 +546,13 @@ class cache {
       rotated(k, st.angles_, krot_, layout_.kv_heads);
       k = make_view<const float>(krot_.data(), st.tokens_, layout_.kv_heads, layout_.head_dim);
     }
-    detail::write_rows<P>(ctx_.pool, layout_, layer, st.seqs_, k, v);
+    if constexpr (kchan) {
+      const std::size_t need = ctx_.pool.size() * detail::write_kchan_floats<P>(layout_);
+      if (kchan_buf_.size() < need) kchan_buf_.resize(need);
+      detail::write_kchan<P>(ctx_.pool, layout_, layer, st.seqs_, k, v, kchan_buf_.data());
+    } else {
+      detail::write_rows<P>(ctx_.pool, layout_, layer, st.seqs_, k, v);
+    }
   }
 
   //! Causal attention of this step's queries over each sequence's cache (its
@@ -546,7 +610,13 @@ class cache {
   //! Bytes of K/V storage held by live sequences, each shared page once (each
   //! sequence's reserved capacity for contiguous storage); equals the
   //! formulas of memory.hpp.
-  std::size_t memory_in_use() const noexcept { return store_.bytes_in_use(); }
+  //! Per-channel keys add each sequence's fp16 residual (allocated with the
+  //! sequence: layers x kv_heads x R x head_dim x 2 bytes).
+  std::size_t memory_in_use() const noexcept {
+    return store_.bytes_in_use() + seqs_.size() * detail::residual_bytes<P>(layout_.layers,
+                                                                            layout_.kv_heads,
+                                                                            layout_.head_dim);
+  }
   const kv_layout& layout() const noexcept { return layout_; }
   const cache_config& config() const noexcept { return cfg_; }
   std::size_t threads() const noexcept { return ctx_.pool.size(); }
@@ -572,6 +642,17 @@ class cache {
     v.page_tokens = store_.page_tokens(s.region);
     if constexpr (windowed)
       store_.window_view(s.region, sinks(), std::min(sinks(), s.length), s.w0, v);
+    if constexpr (kchan) {
+      if (kind == 0) {  // from its group's rows, or the residual
+        v.kv_len = held;
+        v.residual = const_cast<std::uint16_t*>(s.residual.data());
+        v.residual_tokens = P::residual;
+        v.res_len = s.length % P::residual;
+        v.pos_offset = s.length - held;
+        detail::kchan_key<P>(v, layout_, layer, kv_head, token, dst);
+        return;
+      }
+    }
     const std::size_t run = layout_.run_offset(v.page_tokens, layer, kind, kv_head);
     P::decode(v.row(run, token, layout_.row_bytes), dst, layout_.head_dim);
   }
@@ -580,12 +661,52 @@ class cache {
   using region_t = typename storage_state_type::region;
   static constexpr bool windowed = windowed_eviction<E>;
   static constexpr bool scattered = E::evicts && !windowed;
+  static constexpr bool kchan = detail::channel_keys<P>;
   struct sequence {
     region_t region;
     std::size_t length = 0;          // tokens appended (absolute positions 0..length - 1)
     std::size_t w0 = 0;              // windowed: first kept position past the sinks (>= sinks)
     std::vector<std::size_t> pos{};  // scattered: kept tokens' positions, in cache order
+    //! Per-channel keys: (layers, kv_heads, R, head_dim) fp16 bits, the keys
+    //! of positions [length - length % R, length) in slots 0.. (view.hpp).
+    std::vector<std::uint16_t> residual{};
   };
+
+  std::vector<std::uint16_t> new_residual() const {
+    if constexpr (kchan)
+      return std::vector<std::uint16_t>(
+          detail::residual_bytes<P>(layout_.layers, layout_.kv_heads, layout_.head_dim) / 2);
+    else
+      return {};
+  }
+  //! Per-channel keys: the first position whose key is not quantized yet
+  //! (the append quantizes and writes rows from there); else the length.
+  std::size_t flushed(const sequence& s) const noexcept {
+    if constexpr (kchan)
+      return s.length / P::residual * P::residual;
+    else
+      return s.length;
+  }
+  //! Where storage may drop a window's pages up to: per-channel keys keep
+  //! the whole group of the oldest kept token (its rows hold the group's
+  //! scales).
+  std::size_t drop_to(const sequence& s) const noexcept {
+    const std::size_t to = evict_to(s);
+    if constexpr (kchan)
+      return to / P::token_group * P::token_group;
+    else
+      return to;
+  }
+  //! Slots a windowed sequence keeps besides its kept tokens: the evicted
+  //! group-mates of its oldest kept token (per-channel keys).
+  std::size_t group_mates(const sequence& s) const noexcept {
+    if constexpr (kchan && windowed) {
+      const std::size_t to = evict_to(s);
+      return s.length > to ? to % P::token_group : 0;
+    } else {
+      return 0;
+    }
+  }
 
   //! Scattered eviction with cache positions: keys are stored unrotated and
   //! the kernels rotate each key at its cache index as they read it (their
@@ -819,7 +940,7 @@ class cache {
     if constexpr (sharing_storage<S>)
       for (seq_id id : pending_)
         if (auto it = seqs_.find(id); it != seqs_.end())
-          store_.publish(it->second.region, it->second.length);
+          store_.publish(it->second.region, flushed(it->second));  // keys quantized: final bytes
     pending_.clear();
   }
 
@@ -898,6 +1019,7 @@ class cache {
   std::vector<double> freqs_;               // (rotary_dim / 2) RoPE frequencies
   std::vector<float> rope_table_;  // (cache positions, rotary_dim / 2, 2) keys read rotated
   std::size_t scratch_floats_ = 0;
+  std::vector<float> kchan_buf_;  // (threads, G, head_dim) a key group being quantized
 };
 
 }  // namespace v0

@@ -90,6 +90,17 @@ struct seq_view {
   bool rope_interleaved = false;
   //! Block-sparse reads on a full cache; null: every token (causal).
   const sparse_view* sparse = nullptr;
+  //! Per-channel keys (per_channel_k): the sequence's fp16 residual,
+  //! (layers, kv_heads, residual_tokens, dim) fp16 bits; the newest res_len
+  //! tokens (cache indices kv_len - res_len ..) read their K from its slots
+  //! 0..res_len - 1, older tokens from their quantized groups. res_prev: the
+  //! residual's tokens before this step's append. A window token at cache
+  //! index i >= sink_len has position i + pos_offset (groups are positions).
+  std::uint16_t* residual = nullptr;
+  std::size_t residual_tokens = 0;
+  std::size_t res_len = 0;
+  std::size_t res_prev = 0;
+  std::size_t pos_offset = 0;
 
   KVCACHE_HOST_DEVICE std::size_t slot(std::size_t token) const noexcept {
     if (token < sink_len) return token;

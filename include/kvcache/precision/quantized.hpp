@@ -7,12 +7,16 @@
 //   int4_kv<true>       5       (llama.cpp q4_1, KIVI 4-bit)
 //   int2_kv             3       (KIVI 2-bit)
 //   hadamard<P>         as P    (rotated before quantizing)
+//   per_channel_k<P, G, R>  keys per channel in groups of G tokens (KIVI), values
+//                       as P; 5 (int4_kv<true>) or 3 (int2_kv) at G = 32, plus an
+//                       fp16 residual of R keys per sequence, layer and KV head
 #pragma once
 
 #include "fp8.hpp"
 #include "int2.hpp"
 #include "int4.hpp"
 #include "int8.hpp"
+#include "per_channel.hpp"
 #include "rotated.hpp"
 
 namespace kvcache {

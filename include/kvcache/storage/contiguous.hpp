@@ -61,9 +61,12 @@ struct contiguous {
     static std::size_t capacity(const region& r) noexcept { return r.capacity; }
     static std::byte* const* pages(const region& r) noexcept { return &r.base; }
     static std::size_t page_tokens(const region& r) noexcept { return r.capacity; }
-    static std::size_t prepare(region&, std::size_t, std::size_t) noexcept { return 0; }
+    static std::size_t prepare(region&, std::size_t, std::size_t, std::size_t = 0) noexcept {
+      return 0;
+    }
     static void reserve(std::size_t) noexcept {}
-    static void grow(region&, std::size_t, std::size_t, std::span<const token_id>) noexcept {}
+    static void grow(region&, std::size_t, std::size_t, std::span<const token_id>,
+                     std::size_t = 0) noexcept {}
     static void truncate(region&, std::size_t, std::size_t) noexcept {}
     // ---- windowed eviction -------------------------------------------------
 

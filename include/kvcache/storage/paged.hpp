@@ -162,14 +162,22 @@ struct paged {
     static std::byte* const* pages(const region& r) noexcept { return r.table.data(); }
     std::size_t page_tokens(const region&) const noexcept { return page_tokens_; }
 
+    //! `write_from` (<= length): the first slot the append writes. Shared
+    //! pages holding slots in [write_from, length) are copied first (a
+    //! per-channel key precision writes the rows of its residual's tokens
+    //! when it quantizes them; others write from `length`).
     std::size_t prepare(region& r, std::size_t length, std::size_t tokens) {
+      return prepare(r, length, tokens, length);
+    }
+    std::size_t prepare(region& r, std::size_t length, std::size_t tokens, std::size_t write_from) {
       const std::size_t pages = (length + tokens + page_tokens_ - 1) / page_tokens_ - r.dropped;
       r.table.reserve(pages);
       r.ids.reserve(pages);
       r.chain.reserve(pages);
       r.tail.reserve(r.tail.size() + tokens);
-      const bool cow = length % page_tokens_ != 0 && !writable(r.ids.back());
-      return pages - r.ids.size() + (cow ? 1 : 0);
+      std::size_t cow = 0;
+      for_written(r, length, write_from, [&](std::size_t i) { cow += !writable(r.ids[i]); });
+      return pages - r.ids.size() + cow;
     }
 
     void reserve(std::size_t pages) {
@@ -182,14 +190,20 @@ struct paged {
 
     void grow(region& r, std::size_t length, std::size_t tokens,
               std::span<const token_id> ids) noexcept {
-      const std::size_t used = length % page_tokens_;
-      if (used != 0 && !writable(r.ids.back())) {
-        const std::uint32_t from = r.ids.back(), to = take();
+      grow(r, length, tokens, ids, length);
+    }
+    void grow(region& r, std::size_t length, std::size_t tokens, std::span<const token_id> ids,
+              std::size_t write_from) noexcept {
+      for_written(r, length, write_from, [&](std::size_t i) {
+        if (writable(r.ids[i])) return;
+        const std::size_t k = i < r.sink_pages || !r.dropped ? i : i + r.dropped;  // logical page
+        const std::size_t used = std::min(page_tokens_, length - k * page_tokens_);
+        const std::uint32_t from = r.ids[i], to = take();
         copy_slots(to, from, used);
-        r.ids.back() = to;
-        r.table.back() = address(to);
+        r.ids[i] = to;
+        r.table[i] = address(to);
         release(from);
-      }
+      });
       const std::size_t pages = (length + tokens + page_tokens_ - 1) / page_tokens_ - r.dropped;
       while (r.ids.size() < pages) {
         const std::uint32_t p = take();
@@ -469,6 +483,17 @@ struct paged {
         const std::size_t i = k - r.dropped;
         if (i >= r.ids.size()) break;
         f(r.ids[i]);
+      }
+    }
+
+    //! Calls f(table index) for each held page with written slots in
+    //! [from, length), or that slot `length` falls in (the append's first).
+    template <class F>
+    void for_written(const region& r, std::size_t length, std::size_t from, F&& f) const noexcept {
+      for (std::size_t k = from / page_tokens_; k * page_tokens_ < length; ++k) {
+        if (r.dropped && k >= r.sink_pages && k < r.sink_pages + r.dropped) continue;
+        const std::size_t i = k < r.sink_pages || !r.dropped ? k : k - r.dropped;
+        if (i < r.ids.size()) f(i);
       }
     }
 

@@ -10,6 +10,7 @@
 // at 32k tokens (docs/performance.md).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 
@@ -21,6 +22,7 @@
 #include "../view.hpp"
 #include "decode_quant.hpp"
 #include "decode_stream.hpp"
+#include "kchan.hpp"
 #include "rows.hpp"
 
 namespace kvcache {
@@ -44,8 +46,8 @@ struct decode_args {
 //! Floats of per-worker scratch the decode kernel needs.
 inline std::size_t decode_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group();
-  return std::max(decode_streams * (2 * g + g * decode_tile + 2 * decode_tile * L.head_dim) + 64,
-                  decode_quant_scratch_floats(L));
+  return std::max({decode_streams * (2 * g + g * decode_tile + 2 * decode_tile * L.head_dim) + 64,
+                   decode_quant_scratch_floats(L), decode_kchan_scratch_floats(L)});
 }
 
 //! Lines of the next tile of a stream, prefetched while this tile computes.
@@ -271,7 +273,10 @@ void decode(thread_pool& pool, const decode_args& a, const tensor_view<float, 3>
     const std::size_t first = task * decode_streams;
     const std::size_t count = std::min(decode_streams, items.size() - first);
     float* scratch = a.scratch + worker * a.scratch_floats;
-    if constexpr (block_precision<P>) {  // quantized rows, read in place
+    if constexpr (channel_keys<P>) {  // per-channel key groups and residual, read in place
+      decode_kchan_items<P, D>(L, a.layer, a.seqs, *a.plan, a.qs, a.qs_sink, a.partial, first,
+                               count, scratch);
+    } else if constexpr (block_precision<P>) {  // quantized rows, read in place
       decode_quant_items<P, D>(L, a.layer, a.seqs, *a.plan, a.qs, a.qs_sink, a.partial, first,
                                count, scratch);
     } else if (g % 4 == 0) {

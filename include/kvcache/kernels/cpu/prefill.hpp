@@ -2,9 +2,10 @@
 // decode reads. One work item is a tile of up to 64 query rows (all query heads
 // of one KV head's group for several new tokens); it walks the KV tiles up to
 // its last position with an online softmax, so no N x N score matrix exists.
-// A KV tile is converted to fp32 once and used by every row of the group.
+// A KV tile is converted to fp32 once and used by every row of the group
+// (per-channel keys: each key from its group's rows or the fp16 residual).
 // Tile products are hand-vectorised register-blocked loops (tile_scores,
-// tile_accumulate), as fast as Eigen's GEMM at these shapes.
+// tile_accumulate) with the query rows in vector lanes; see below.
 #pragma once
 
 #include <cmath>
@@ -15,6 +16,7 @@
 #include "../../tensor.hpp"
 #include "../plan.hpp"
 #include "../view.hpp"
+#include "kchan.hpp"
 #include "rows.hpp"
 
 namespace kvcache {
@@ -256,6 +258,15 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     const float* Qtile = in_sinks && own_sink_q ? Qst : Qt;
     for (std::size_t j = 0; j < nk; ++j) {
       const std::byte* ks = sv.row(kr, k0 + j, rb);
+      if constexpr (channel_keys<P>) {
+        // From the key's group rows or the residual; values from P's rows.
+        // (No RoPE on read: that needs a scattered eviction, which
+        // per-channel keys do not take.)
+        kchan_key<P>(sv, L, a.layer, it.head, k0 + j, Kf + j * dim, 1);
+        kp[j] = Kf + j * dim;
+        vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim);
+        continue;
+      }
       if (sv.rope_cs) {  // RoPE on read, at the key's cache index
         float* kf = Kf + j * dim;
         const auto* k = rows<P>(ks, 1, dim, rb, kf);

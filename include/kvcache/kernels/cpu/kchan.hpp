@@ -1,0 +1,304 @@
+// CPU kernels of per-channel keys (precision/per_channel.hpp): the append
+// that fills the fp16 residual and quantizes it R tokens at a time, the
+// decode kernel that reads quantized groups and residual rows in one pass,
+// and the key reader of the prefill tiles and read_row.
+//
+// Decode reads keys in place: per (item, key group) it multiplies each query
+// head by the group's channel scales once (head_dim multiplies) and takes
+// q . min as the group's score bias, so a token's score is one dot product of
+// that scaled query with the token's codes,
+//   s_t = sum_c (q_c scale_c) code_tc + sum_c q_c min_c,
+// and nothing is dequantised. Residual tokens (the newest, fp16) are scored
+// in the same pass, values are P's rows read as decode_quant.hpp reads them,
+// with the same online softmax. Only fp32 rounding is added (bound 1e-4).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../../detail/simd.hpp"
+#include "../../detail/thread_pool.hpp"
+#include "../../half.hpp"
+#include "../../precision/per_channel.hpp"
+#include "../../tensor.hpp"
+#include "../plan.hpp"
+#include "../view.hpp"
+#include "decode_quant.hpp"
+#include "decode_stream.hpp"
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace kvcache {
+inline namespace v0 {
+namespace detail {
+
+//! Position of cache index i (groups are aligned to positions).
+KVCACHE_HOST_DEVICE std::size_t kchan_position(const seq_view& sv, std::size_t i) noexcept {
+  return i < sv.sink_len ? i : i + sv.pos_offset;
+}
+
+//! Slot of the token `delta` places from cache index i (delta may reach
+//! tokens the window has evicted but whose rows are still stored: the cache
+//! keeps every row of a group with a kept token, see cache.hpp).
+KVCACHE_HOST_DEVICE std::size_t kchan_slot(const seq_view& sv, std::size_t i,
+                                           std::ptrdiff_t delta) noexcept {
+  if (i < sv.sink_len) return static_cast<std::size_t>(static_cast<std::ptrdiff_t>(i) + delta);
+  std::ptrdiff_t off = static_cast<std::ptrdiff_t>(sv.ring_start + (i - sv.sink_len)) + delta;
+  const auto len = static_cast<std::ptrdiff_t>(sv.ring_len);
+  if (off < 0)
+    off += len;
+  else if (off >= len)
+    off -= len;
+  return sv.ring_base + static_cast<std::size_t>(off);
+}
+
+KVCACHE_HOST_DEVICE std::byte* kchan_row(const seq_view& sv, std::size_t run, std::size_t i,
+                                         std::ptrdiff_t delta, std::size_t rb) noexcept {
+  const std::size_t s = kchan_slot(sv, i, delta);
+  return sv.pages[s / sv.page_tokens] + run + (s % sv.page_tokens) * rb;
+}
+
+//! The fp16 residual rows of (layer, head): (residual_tokens, dim).
+inline std::uint16_t* kchan_residual(const seq_view& sv, const kv_layout& L, std::size_t layer,
+                                     std::size_t head) noexcept {
+  return sv.residual + ((layer * L.kv_heads + head) * sv.residual_tokens) * L.head_dim;
+}
+
+//! Floats of per-worker scratch write_kchan needs: one group of keys.
+template <class P>
+std::size_t write_kchan_floats(const kv_layout& L) noexcept {
+  return P::token_group * L.head_dim;
+}
+
+//! Appends the step's rows: V encoded per token now; K into the residual,
+//! and every R tokens the residual (and the step's keys that complete it)
+//! quantized per channel into their rows, group by group. `buf`: (worker,
+//! write_kchan_floats). Call once per layer and step.
+template <class P>
+void write_kchan(thread_pool& pool, const kv_layout& L, std::size_t layer,
+                 const std::vector<seq_view>& seqs, const tensor_view<const float, 3>& k,
+                 const tensor_view<const float, 3>& v, float* buf) {
+  using KF = typename P::key_format;
+  using V = typename P::value_precision;
+  constexpr std::size_t G = P::token_group, R = P::residual;
+  const std::size_t rb = L.row_bytes, dim = L.head_dim;
+  pool.run(seqs.size() * L.kv_heads, [&](std::size_t task, std::size_t worker) {
+    const seq_view& s = seqs[task / L.kv_heads];
+    const std::size_t h = task % L.kv_heads;
+    const std::size_t kr = L.run_offset(s.page_tokens, layer, 0, h);
+    const std::size_t vr = L.run_offset(s.page_tokens, layer, 1, h);
+    for (std::size_t t = 0; t < s.q_len; ++t)
+      V::encode(&v(s.q_begin + t, h, 0), s.row(vr, s.first_pos + t, rb), dim);
+    std::uint16_t* res = kchan_residual(s, L, layer, h);
+    // Tokens u of [0, a + n): the residual's a, then the step's n.
+    const std::size_t a = s.res_prev, total = a + s.q_len, flushed = total / R * R;
+    float* x = buf + worker * G * dim;  // (G, dim)
+    std::byte* rows[G];
+    for (std::size_t g0 = 0; g0 < flushed; g0 += G) {
+      for (std::size_t j = 0; j < G; ++j) {
+        const std::size_t u = g0 + j;
+        float* xr = x + j * dim;
+        if (u < a) {
+          for (std::size_t d = 0; d < dim; ++d) xr[d] = half_bits_to_float(res[u * dim + d]);
+        } else {
+          const float* src = &k(s.q_begin + u - a, h, 0);
+          for (std::size_t d = 0; d < dim; ++d) xr[d] = fp16_round(src[d]);
+        }
+        // Token u is kept, at cache index first_pos - a + u (the residual
+        // lies inside the window).
+        rows[j] = s.row(kr, s.first_pos - a + u, rb);
+      }
+      KF::encode_group(x, rows, dim);
+    }
+    for (std::size_t u = std::max(flushed, a); u < total; ++u) {
+      const float* src = &k(s.q_begin + u - a, h, 0);
+      std::uint16_t* dst = res + (u - flushed) * dim;
+      for (std::size_t d = 0; d < dim; ++d) dst[d] = float_to_half_bits(src[d]);
+    }
+  });
+}
+
+//! Decodes the key of cache index i into out[0], out[stride], ... (dim
+//! floats; prefill passes a row of its K tile): from the residual for the
+//! newest res_len tokens, else from its group's rows.
+template <class P>
+void kchan_key(const seq_view& sv, const kv_layout& L, std::size_t layer, std::size_t head,
+               std::size_t i, float* out, std::size_t stride = 1) noexcept {
+  using KF = typename P::key_format;
+  constexpr std::size_t G = P::token_group;
+  const std::size_t dim = L.head_dim, rb = L.row_bytes;
+  if (i + sv.res_len >= sv.kv_len) {
+    const std::uint16_t* r =
+        kchan_residual(sv, L, layer, head) + (i + sv.res_len - sv.kv_len) * dim;
+    for (std::size_t d = 0; d < dim; ++d) out[d * stride] = half_bits_to_float(r[d]);
+    return;
+  }
+  const std::size_t kr = L.run_offset(sv.page_tokens, layer, 0, head);
+  const auto ph = static_cast<std::ptrdiff_t>(kchan_position(sv, i) % G);
+  const std::byte* rows[G];
+  for (std::size_t r = 0; r < G; ++r)
+    rows[r] = kchan_row(sv, kr, i, static_cast<std::ptrdiff_t>(r) - ph, rb);
+  KF::decode_token(kchan_row(sv, kr, i, 0, rb), rows, dim, out, stride);
+}
+
+//! Sixteen codes (channels 16 c ..) of a K row, as floats.
+template <class KF>
+KVCACHE_ALWAYS_INLINE simd::vf kchan_codes16(const std::byte* row, std::size_t c) noexcept {
+  using namespace simd;
+  const auto* p = reinterpret_cast<const std::uint8_t*>(row);
+  vu x;
+  if constexpr (KF::bits == 4) {
+    x = (widen_unsigned(p + (c / 2) * 16) >> static_cast<std::uint32_t>(4 * (c % 2))) & 15u;
+  } else {
+    // Lane i of half h is byte i % 8 of the sub-block at bit 2 (2h + i / 8):
+    // the sub-block's two words broadcast, one variable shift per lane.
+    std::uint32_t w[2];
+    std::memcpy(w, p + (c / 2) * 8, 8);
+    const vu words = {w[0], w[0], w[0], w[0], w[1], w[1], w[1], w[1],
+                      w[0], w[0], w[0], w[0], w[1], w[1], w[1], w[1]};
+    const vu shift = vu{0, 8, 16, 24, 0, 8, 16, 24, 2, 10, 18, 26, 2, 10, 18, 26} +
+                     static_cast<std::uint32_t>(4 * (c % 2));
+    x = (words >> shift) & 3u;
+  }
+  return to_float((vi)x);
+}
+
+//! Scores of n <= quant_tile tokens x g heads into sc (g, quant_tile): qk
+//! (g, dim) against `read(j, c)` (16 elements of token j), plus bias[h].
+template <std::size_t HB, class Read>
+KVCACHE_ALWAYS_INLINE void kchan_scores(const float* qk, const float* bias, std::size_t n,
+                                        std::size_t g, std::size_t dim, float* sc,
+                                        Read&& read) noexcept {
+  using namespace simd;
+  constexpr std::size_t TOK = lanes / HB;
+  const std::size_t nc = dim / lanes;
+  for (std::size_t hb = 0; hb < g; hb += HB) {
+    for (std::size_t j0 = 0; j0 < quant_tile; j0 += TOK) {
+      if (j0 >= n) {
+        for (std::size_t h = 0; h < HB; ++h)
+          for (std::size_t t = 0; t < TOK; ++t) sc[(hb + h) * quant_tile + j0 + t] = -INFINITY;
+        continue;
+      }
+      vf acc[lanes] = {};
+      for (std::size_t c = 0; c < nc; ++c) {
+        vf qv[HB];
+        for (std::size_t h = 0; h < HB; ++h) qv[h] = load(qk + (hb + h) * dim + c * lanes);
+        for (std::size_t t = 0; t < TOK; ++t) {
+          const vf kv = read(std::min(j0 + t, n - 1), c);
+          for (std::size_t h = 0; h < HB; ++h) acc[h * TOK + t] += qv[h] * kv;
+        }
+      }
+      const vf sums = reduce16(acc);
+      for (std::size_t h = 0; h < HB; ++h)
+        for (std::size_t t = 0; t < TOK; ++t)
+          sc[(hb + h) * quant_tile + j0 + t] =
+              j0 + t < n ? sums[h * TOK + t] + (bias ? bias[hb + h] : 0.f) : -INFINITY;
+    }
+  }
+}
+
+//! Floats of per-worker scratch decode_kchan_task needs.
+inline std::size_t decode_kchan_scratch_floats(const kv_layout& L) noexcept {
+  const std::size_t g = L.group(), dim = L.head_dim;
+  return g * quant_tile + 4 * g + g * dim + 2 * dim + 64;
+}
+
+//! Decode items [first, first + count), one after another.
+template <class P, std::size_t D, std::size_t HB>
+void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* seqs,
+                       const work_plan& plan, const float* qs, const float* qs_sink, float* partial,
+                       std::size_t first, std::size_t count, float* scratch) {
+  using namespace simd;
+  using KF = typename P::key_format;
+  using V = typename P::value_precision;
+  constexpr std::size_t G = P::token_group;
+  const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
+  const std::size_t nc = dim / lanes, pr = KF::per_row(dim);
+  float* sc = scratch;              // (g, quant_tile)
+  float* ml = sc + g * quant_tile;  // (2, g)
+  float* corr = ml + 2 * g;         // (g)
+  float* bias = corr + g;           // (g)
+  float* qk = bias + g;             // (g, dim) queries times the group's scales
+  float* scl = qk + g * dim;        // (dim)
+  float* mins = scl + dim;          // (dim)
+  for (std::size_t idx = first; idx < first + count; ++idx) {
+    decode_stream s;
+    start_stream(s, plan, seqs, idx, qs, qs_sink, partial, ml, g, dim);
+    const decode_item& it = *s.item;
+    const seq_view& sv = seqs[it.seq];
+    const std::size_t kr = L.run_offset(sv.page_tokens, layer, 0, it.head);
+    const std::size_t vr = L.run_offset(sv.page_tokens, layer, 1, it.head);
+    const std::size_t res0 = sv.kv_len - sv.res_len;
+    const std::uint16_t* res = kchan_residual(sv, L, layer, it.head);
+    std::size_t group_pos = ~std::size_t{0};  // position of the group qk holds
+    while (s.t < it.end) {
+      const std::size_t t = s.t;
+      std::size_t n = std::min({quant_tile, it.end - t, sv.run(t)});
+      if (t >= res0) {
+        const std::uint16_t* K = res + (t - res0) * dim;
+        kchan_scores<HB>(s.q, nullptr, n, g, dim, sc, [&](std::size_t j, std::size_t c) {
+          return load(reinterpret_cast<const half*>(K + j * dim) + c * lanes);
+        });
+      } else {
+        const std::size_t pos = kchan_position(sv, t), ph = pos % G;
+        n = std::min({n, res0 - t, G - ph});
+        if (pos - ph != group_pos) {
+          group_pos = pos - ph;
+          for (std::size_t r = 0; r < G; ++r) {
+            const std::byte* prow = kchan_row(
+                sv, kr, t, static_cast<std::ptrdiff_t>(r) - static_cast<std::ptrdiff_t>(ph), rb);
+            for (std::size_t c = r * pr; c < (r + 1) * pr; ++c) {
+              scl[c] = KF::scale(prow, c, dim);
+              mins[c] = KF::min(prow, c, dim);
+            }
+          }
+          for (std::size_t h = 0; h < g; ++h) {
+            vf b{};
+            for (std::size_t c = 0; c < nc; ++c) {
+              const vf q = load(s.q + h * dim + c * lanes);
+              store(qk + h * dim + c * lanes, q * load(scl + c * lanes));
+              b += q * load(mins + c * lanes);
+            }
+            bias[h] = tree_add(b);
+          }
+        }
+        const std::byte* K = sv.row(kr, t, rb);
+        kchan_scores<HB>(qk, bias, n, g, dim, sc, [&](std::size_t j, std::size_t c) {
+          return kchan_codes16<KF>(K + j * rb, c);
+        });
+      }
+      quant_softmax(s, g, sc, corr, quant_tile);
+      quant_accumulate<V, D, HB>(s, sv.row(vr, t, rb), rb, n, g, dim, sc, corr);
+      s.t += n;
+    }
+    finish_stream(s, g, dim);
+  }
+}
+
+template <class P, std::size_t D>
+void decode_kchan_items(const kv_layout& L, std::size_t layer, const seq_view* seqs,
+                        const work_plan& plan, const float* qs, const float* qs_sink,
+                        float* partial, std::size_t first, std::size_t count, float* scratch) {
+  const std::size_t g = L.group();
+  if (g % 4 == 0)
+    decode_kchan_task<P, D, 4>(L, layer, seqs, plan, qs, qs_sink, partial, first, count, scratch);
+  else if (g % 2 == 0)
+    decode_kchan_task<P, D, 2>(L, layer, seqs, plan, qs, qs_sink, partial, first, count, scratch);
+  else
+    decode_kchan_task<P, D, 1>(L, layer, seqs, plan, qs, qs_sink, partial, first, count, scratch);
+}
+
+}  // namespace detail
+}  // namespace v0
+}  // namespace kvcache
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
