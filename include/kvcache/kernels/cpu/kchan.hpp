@@ -170,6 +170,48 @@ KVCACHE_ALWAYS_INLINE simd::vf kchan_codes16(const std::byte* row, std::size_t c
   return to_float((vi)x);
 }
 
+//! The channel scales and mins of one key group, kept by a reader that
+//! decodes many keys of a group in turn (the prefill tiles): gathering them
+//! from the group's G rows once per group instead of once per key.
+struct kchan_group_params {
+  float* scl;                         // (dim)
+  float* mins;                        // (dim)
+  std::size_t pos = ~std::size_t{0};  // first position of the group held
+};
+
+//! kchan_key, vectorised, with the group's scales and mins gathered once per
+//! group into `gp`.
+template <class P>
+void kchan_key_grouped(const seq_view& sv, const kv_layout& L, std::size_t layer, std::size_t head,
+                       std::size_t i, float* out, kchan_group_params& gp) noexcept {
+  using namespace simd;
+  using KF = typename P::key_format;
+  constexpr std::size_t G = P::token_group;
+  const std::size_t dim = L.head_dim, rb = L.row_bytes;
+  if (i + sv.res_len >= sv.kv_len) {
+    kchan_key<P>(sv, L, layer, head, i, out);
+    return;
+  }
+  const std::size_t kr = L.run_offset(sv.page_tokens, layer, 0, head);
+  const std::size_t pos = kchan_position(sv, i), ph = pos % G;
+  if (pos - ph != gp.pos) {
+    gp.pos = pos - ph;
+    const std::size_t pr = KF::per_row(dim);
+    for (std::size_t r = 0; r < G; ++r) {
+      const std::byte* prow = kchan_row(
+          sv, kr, i, static_cast<std::ptrdiff_t>(r) - static_cast<std::ptrdiff_t>(ph), rb);
+      for (std::size_t c = r * pr; c < (r + 1) * pr; ++c) {
+        gp.scl[c] = KF::scale(prow, c, dim);
+        gp.mins[c] = KF::min(prow, c, dim);
+      }
+    }
+  }
+  const std::byte* row = kchan_row(sv, kr, i, 0, rb);
+  for (std::size_t c = 0; c < dim / lanes; ++c)
+    store(out + c * lanes,
+          kchan_codes16<KF>(row, c) * load(gp.scl + c * lanes) + load(gp.mins + c * lanes));
+}
+
 //! Scores of n <= quant_tile tokens x g heads into sc (g, quant_tile): qk
 //! (g, dim) against `read(j, c)` (16 elements of token j), plus bias[h].
 template <std::size_t HB, class Read>

@@ -203,8 +203,9 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
   float* m = zero + dim;       // (R)
   float* l = m + R;            // (R)
   float* corr = l + R;         // (R)
-  // Kf's third block of B x dim floats (scratch holds 3 D B) is unused: RoPE
-  // rotates rows in Kf itself.
+  // Past corr, of the scratch's third D x B block (RoPE rotates rows in Kf
+  // itself): per-channel keys' group scales and mins, 2 x dim floats.
+  [[maybe_unused]] kchan_group_params kgp{corr + R, corr + R + dim};
 
   const std::size_t last_pos = a.non_causal ? sv.kv_len - 1 : sv.first_pos + it.row_end - 1;
   const bool own_sink_q = !a.q_sink.empty() && sv.sink_len > 0;
@@ -262,7 +263,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
         // From the key's group rows or the residual; values from P's rows.
         // (No RoPE on read: that needs a scattered eviction, which
         // per-channel keys do not take.)
-        kchan_key<P>(sv, L, a.layer, it.head, k0 + j, Kf + j * dim, 1);
+        kchan_key_grouped<P>(sv, L, a.layer, it.head, k0 + j, Kf + j * dim, kgp);
         kp[j] = Kf + j * dim;
         vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim);
         continue;
