@@ -162,10 +162,12 @@ TEMPLATE_TEST_CASE("per-channel keys: decode and prefill equal float64 over the 
   auto a = d.add(1024), b = d.add(1024);
   // Prefill chunks that end inside and on residual boundaries, then decodes
   // that cross several flushes, two sequences with different phases.
+  // Prefill is fp32 throughout (1e-4); decode states its own bound.
+  const double bound = detail::kchan_error_bound<TestType>();
   CHECK(d.run({{a, 45}, {b, 128}}) <= 1e-4);
   CHECK(d.run({{a, 83}, {b, 3}}) <= 1e-4);
-  for (int i = 0; i < 140; ++i) CHECK(d.run({{a, 1}, {b, 1}}) <= 1e-4);
-  CHECK(d.run({{a, 200}, {b, 1}}) <= 1e-4);
+  for (int i = 0; i < 140; ++i) CHECK(d.run({{a, 1}, {b, 1}}) <= bound);
+  CHECK(d.run({{a, 200}, {b, 1}}) <= bound);
   CHECK(d.worst_orig <= TestType::tolerance);
 }
 
@@ -226,10 +228,14 @@ TEMPLATE_TEST_CASE("per-channel keys on paged storage of every page size", "[qua
     cache<gqa<128>, TestType, full, kc4> kv(pc);
     auto r = ref.add_sequence(1024), s = kv.add_sequence(1024);
     std::mt19937_64 rng(seed + pt);
+    // Same bytes, different tiles: fp32 rounding alone (1e-5), or, with
+    // integer P.V, two roundings of the int16 weights within the kernel's bound.
+    const double tol =
+        detail::kchan_error_bound<kc4>() > 1e-4 ? 2 * detail::kchan_error_bound<kc4>() : 1e-5;
     for (std::size_t step : {50u, 1u, 13u, 1u, 64u, 1u, 1u, 100u}) {
       auto k = kvtest::normal(rng, step * 256), v = kvtest::normal(rng, step * 256),
            q = kvtest::normal(rng, step * 8 * 128);
-      CHECK(rel(attend_once(kv, s, step, k, v, q), attend_once(ref, r, step, k, v, q)) <= 1e-5);
+      CHECK(rel(attend_once(kv, s, step, k, v, q), attend_once(ref, r, step, k, v, q)) <= tol);
     }
     // Bytes of quantized keys equal the contiguous cache's.
     std::vector<float> x(128), y(128);

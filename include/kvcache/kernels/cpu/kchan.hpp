@@ -246,10 +246,23 @@ KVCACHE_ALWAYS_INLINE void kchan_scores(const float* qk, const float* bias, std:
   }
 }
 
+//! The relative L2 error decode may add to float64 attention over the
+//! cache's own decoded rows: fp32 rounding on the float paths (1e-4); with
+//! integer P.V (VNNI, P's values int8 or int4), the int16 softmax weights
+//! add up to ~3e-4 on the fidelity data, held to decode_quant.hpp's 5e-4.
+template <class P>
+constexpr double kchan_error_bound() noexcept {
+  if constexpr (channel_keys<P>)
+    return integer_values<typename P::value_precision>() ? 5e-4 : 1e-4;
+  else
+    return 1e-4;
+}
+
 //! Floats of per-worker scratch decode_kchan_task needs.
 inline std::size_t decode_kchan_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim;
-  return g * quant_tile + 4 * g + g * dim + 2 * dim + 64;
+  // + integer P.V's int16 weights and per-(head, block) min sums.
+  return g * quant_tile + 4 * g + g * dim + 2 * dim + g * dim + 128;
 }
 
 //! Decode items [first, first + count), one after another.
@@ -270,6 +283,17 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
   float* qk = bias + g;             // (g, dim) queries times the group's scales
   float* scl = qk + g * dim;        // (dim)
   float* mins = scl + dim;          // (dim)
+  // Values are P's rows: with VNNI, P.V takes the integer path of
+  // decode_quant.hpp (int16 weights, vpdpwssd) where P has one.
+  using FV = typename format_of<V>::type;
+  constexpr bool int_v = integer_values<V>();
+  [[maybe_unused]] bool use_int_v = false;
+  [[maybe_unused]] float* vbias = mins + dim;   // (g, dim / group, 16) running min sums
+  [[maybe_unused]] std::int16_t* vw = nullptr;  // (g, dim / group, 32) weights
+  if constexpr (int_v) {
+    use_int_v = vnni::supported_dim<FV>(dim) && g <= 64 && dim <= 2048;
+    vw = reinterpret_cast<std::int16_t*>(vbias + g * (dim / FV::group) * 16);
+  }
   for (std::size_t idx = first; idx < first + count; ++idx) {
     decode_stream s;
     start_stream(s, plan, seqs, idx, qs, qs_sink, partial, ml, g, dim);
@@ -280,6 +304,9 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
     const std::size_t res0 = sv.kv_len - sv.res_len;
     const std::uint16_t* res = kchan_residual(sv, L, layer, it.head);
     std::size_t group_pos = ~std::size_t{0};  // position of the group qk holds
+    if constexpr (int_v)
+      if (use_int_v)
+        for (std::size_t k = 0; k < g * (dim / FV::group) * 16; ++k) vbias[k] = 0.f;
     while (s.t < it.end) {
       const std::size_t t = s.t;
       std::size_t n = std::min({quant_tile, it.end - t, sv.run(t)});
@@ -317,9 +344,26 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
         });
       }
       quant_softmax(s, g, sc, corr, quant_tile);
-      quant_accumulate<V, D, HB>(s, sv.row(vr, t, rb), rb, n, g, dim, sc, corr);
+      bool done = false;
+      if constexpr (int_v)
+        if (use_int_v) {
+          integer_tile_values<FV, HB>(sv.row(vr, t, rb), rb, n, g, dim, sc, corr, s.o, dim + 1, vw,
+                                      vbias);
+          done = true;
+        }
+      if (!done) quant_accumulate<V, D, HB>(s, sv.row(vr, t, rb), rb, n, g, dim, sc, corr);
       s.t += n;
     }
+    if constexpr (int_v && FV::asymmetric)
+      if (use_int_v)  // the values' mins: sum_t p_t min_tb, kept per lane of tokens
+        for (std::size_t h = 0; h < g; ++h)
+          for (std::size_t b = 0; b < dim / FV::group; ++b) {
+            const float* acc = vbias + (h * (dim / FV::group) + b) * 16;
+            float sum = 0.f;
+            for (std::size_t t = 0; t < 16; ++t) sum += acc[t];
+            float* o = s.o + h * (dim + 1) + b * FV::group;
+            for (std::size_t d = 0; d < FV::group; ++d) o[d] += sum;
+          }
     finish_stream(s, g, dim);
   }
 }
