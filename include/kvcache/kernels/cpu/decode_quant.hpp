@@ -157,6 +157,21 @@ KVCACHE_ALWAYS_INLINE float tree_max(vf v) noexcept {
 
 }  // namespace simd
 
+//! Codes [16 c, 16 c + 16) of a row of 2-bit codes (block.hpp's packing: 8
+//! bytes per 32 elements, lane i of half h is byte i % 8 at bit 2 (2h + i / 8)).
+//! The sub-block's two words are broadcast to the lanes and shifted per lane:
+//! copying the bytes to a buffer and widening it stalled on store forwarding.
+KVCACHE_ALWAYS_INLINE simd::vu int2_codes16(const std::uint8_t* p, std::size_t c) noexcept {
+  using simd::vu;
+  std::uint32_t w[2];
+  std::memcpy(w, p + (c / 2) * 8, 8);
+  const vu words = {w[0], w[0], w[0], w[0], w[1], w[1], w[1], w[1],
+                    w[0], w[0], w[0], w[0], w[1], w[1], w[1], w[1]};
+  const vu shift = vu{0, 8, 16, 24, 0, 8, 16, 24, 2, 10, 18, 26, 2, 10, 18, 26} +
+                   static_cast<std::uint32_t>(4 * (c % 2));
+  return (words >> shift) & 3u;
+}
+
 //! Elements [16 c, 16 c + 16) of a row of format F, decoded to floats. The
 //! scalar block functions of block.hpp define the same values; a test compares.
 template <class F>
@@ -187,13 +202,7 @@ KVCACHE_ALWAYS_INLINE simd::vf read16(const std::byte* row, std::size_t c,
       // 32-element sub-block c / 2: low nibbles are its first 16 elements.
       x = (widen_unsigned(p + (c / 2) * 16) >> static_cast<std::uint32_t>(4 * (c % 2))) & 15u;
     } else {
-      // 8 bytes per 32 elements: lane i of half h is byte i % 8 at bit 2 (2h + i / 8).
-      std::uint8_t w[16];
-      std::memcpy(w, p + (c / 2) * 8, 8);
-      std::memcpy(w + 8, p + (c / 2) * 8, 8);
-      const vu shift = vu{0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2} +
-                       static_cast<std::uint32_t>(4 * (c % 2));
-      x = (widen_unsigned(w) >> shift) & 3u;
+      x = int2_codes16(p, c);
     }
     return to_float((vi)x) * s + m;
   }

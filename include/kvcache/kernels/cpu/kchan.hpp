@@ -157,15 +157,7 @@ KVCACHE_ALWAYS_INLINE simd::vf kchan_codes16(const std::byte* row, std::size_t c
   if constexpr (KF::bits == 4) {
     x = (widen_unsigned(p + (c / 2) * 16) >> static_cast<std::uint32_t>(4 * (c % 2))) & 15u;
   } else {
-    // Lane i of half h is byte i % 8 of the sub-block at bit 2 (2h + i / 8):
-    // the sub-block's two words broadcast, one variable shift per lane.
-    std::uint32_t w[2];
-    std::memcpy(w, p + (c / 2) * 8, 8);
-    const vu words = {w[0], w[0], w[0], w[0], w[1], w[1], w[1], w[1],
-                      w[0], w[0], w[0], w[0], w[1], w[1], w[1], w[1]};
-    const vu shift = vu{0, 8, 16, 24, 0, 8, 16, 24, 2, 10, 18, 26, 2, 10, 18, 26} +
-                     static_cast<std::uint32_t>(4 * (c % 2));
-    x = (words >> shift) & 3u;
+    x = int2_codes16(p, c);
   }
   return to_float((vi)x);
 }
