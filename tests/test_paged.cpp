@@ -688,7 +688,12 @@ TEST_CASE("random operations agree with a model keeping full copies", "[paged][p
     INFO("page_tokens " << pt);
     property_run p(pt, seed + pt);
     p.run(1500);
-    // The run exercised what it is meant to.
+    // Some seeds keep the pool full and see most steps refused; run on, from
+    // an empty cache each time, until the property has been exercised.
+    for (int more = 0; more < 10 && (p.attends <= 300 || p.matched_tokens == 0 || p.cascaded == 0);
+         ++more)
+      p.run(300);
+    // The runs exercised what they are meant to.
     CHECK(p.attends > 300);
     CHECK(p.matched_tokens > 0);
     CHECK(p.cascaded > 0);
