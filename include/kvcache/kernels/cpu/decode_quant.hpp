@@ -419,6 +419,25 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 #endif
 }
 
+//! Adds an asymmetric format's value mins to a stream's partial output o
+//! (g, dim + 1): sum_t p_t min_tb, which integer P.V keeps per (head, block)
+//! as 16 lanes of tokens in `bias` (g, dim / group, 16). Nothing for
+//! symmetric formats.
+template <class F>
+void add_value_mins(const float* bias, std::size_t g, std::size_t dim, float* o) noexcept {
+  if constexpr (F::asymmetric) {
+    const std::size_t nb = dim / F::group;
+    for (std::size_t h = 0; h < g; ++h)
+      for (std::size_t b = 0; b < nb; ++b) {
+        const float* acc = bias + (h * nb + b) * 16;
+        float sum = 0.f;
+        for (std::size_t t = 0; t < 16; ++t) sum += acc[t];
+        float* ob = o + h * (dim + 1) + b * F::group;
+        for (std::size_t d = 0; d < F::group; ++d) ob[d] += sum;
+      }
+  }
+}
+
 //! One thread task: up to decode_streams adjacent items in lockstep, as
 //! decode.hpp's decode_task. qs: (decode group, g, dim) scaled queries;
 //! partial: (item, g, dim + 1) normalised outputs and their lse.
@@ -541,20 +560,10 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       active = active || s.t < it.end;
     }
   }
-  if constexpr (integer_v) {
-    if constexpr (F::asymmetric) {
-      if (use_integer)
-        for (std::size_t i = 0; i < count; ++i)
-          for (std::size_t h = 0; h < g; ++h)
-            for (std::size_t b = 0; b < dim / F::group; ++b) {
-              const float* acc = value_bias + ((i * g + h) * (dim / F::group) + b) * 16;
-              float sum = 0.f;
-              for (std::size_t t = 0; t < 16; ++t) sum += acc[t];
-              float* o = st[i].o + h * stride + b * F::group;
-              for (std::size_t d = 0; d < F::group; ++d) o[d] += sum;
-            }
-    }
-  }
+  if constexpr (integer_v)
+    if (use_integer)
+      for (std::size_t i = 0; i < count; ++i)
+        add_value_mins<F>(value_bias + i * g * (dim / F::group) * 16, g, dim, st[i].o);
   for (std::size_t i = 0; i < count; ++i) {
     finish_stream(st[i], g, dim);
     if constexpr (rotating_precision<P>)

@@ -162,6 +162,24 @@ KVCACHE_ALWAYS_INLINE simd::vf kchan_codes16(const std::byte* row, std::size_t c
   return to_float((vi)x);
 }
 
+//! The channel scales and mins of the key group holding cache index i
+//! (position phase ph in its group), gathered from the group's G rows: row r
+//! holds those of channels [r x dim / G, (r + 1) x dim / G).
+template <class P>
+void kchan_group_scales(const seq_view& sv, std::size_t kr, std::size_t i, std::size_t ph,
+                        std::size_t rb, std::size_t dim, float* scl, float* mins) noexcept {
+  using KF = typename P::key_format;
+  const std::size_t pr = KF::per_row(dim);
+  for (std::size_t r = 0; r < P::token_group; ++r) {
+    const std::byte* prow =
+        kchan_row(sv, kr, i, static_cast<std::ptrdiff_t>(r) - static_cast<std::ptrdiff_t>(ph), rb);
+    for (std::size_t c = r * pr; c < (r + 1) * pr; ++c) {
+      scl[c] = KF::scale(prow, c, dim);
+      mins[c] = KF::min(prow, c, dim);
+    }
+  }
+}
+
 //! The channel scales and mins of one key group, kept by a reader that
 //! decodes many keys of a group in turn (the prefill tiles): gathering them
 //! from the group's G rows once per group instead of once per key.
@@ -188,15 +206,7 @@ void kchan_key_grouped(const seq_view& sv, const kv_layout& L, std::size_t layer
   const std::size_t pos = kchan_position(sv, i), ph = pos % G;
   if (pos - ph != gp.pos) {
     gp.pos = pos - ph;
-    const std::size_t pr = KF::per_row(dim);
-    for (std::size_t r = 0; r < G; ++r) {
-      const std::byte* prow = kchan_row(
-          sv, kr, i, static_cast<std::ptrdiff_t>(r) - static_cast<std::ptrdiff_t>(ph), rb);
-      for (std::size_t c = r * pr; c < (r + 1) * pr; ++c) {
-        gp.scl[c] = KF::scale(prow, c, dim);
-        gp.mins[c] = KF::min(prow, c, dim);
-      }
-    }
+    kchan_group_scales<P>(sv, kr, i, ph, rb, dim, gp.scl, gp.mins);
   }
   const std::byte* row = kchan_row(sv, kr, i, 0, rb);
   for (std::size_t c = 0; c < dim / lanes; ++c)
@@ -267,7 +277,7 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
   using V = typename P::value_precision;
   constexpr std::size_t G = P::token_group;
   const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
-  const std::size_t nc = dim / lanes, pr = KF::per_row(dim);
+  const std::size_t nc = dim / lanes;
   float* sc = scratch;              // (g, quant_tile)
   float* ml = sc + g * quant_tile;  // (2, g)
   float* corr = ml + 2 * g;         // (g)
@@ -312,14 +322,7 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
         n = std::min({n, res0 - t, G - ph});
         if (pos - ph != group_pos) {
           group_pos = pos - ph;
-          for (std::size_t r = 0; r < G; ++r) {
-            const std::byte* prow = kchan_row(
-                sv, kr, t, static_cast<std::ptrdiff_t>(r) - static_cast<std::ptrdiff_t>(ph), rb);
-            for (std::size_t c = r * pr; c < (r + 1) * pr; ++c) {
-              scl[c] = KF::scale(prow, c, dim);
-              mins[c] = KF::min(prow, c, dim);
-            }
-          }
+          kchan_group_scales<P>(sv, kr, t, ph, rb, dim, scl, mins);
           for (std::size_t h = 0; h < g; ++h) {
             vf b{};
             for (std::size_t c = 0; c < nc; ++c) {
@@ -346,16 +349,8 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
       if (!done) quant_accumulate<V, D, HB>(s, sv.row(vr, t, rb), rb, n, g, dim, sc, corr);
       s.t += n;
     }
-    if constexpr (int_v && FV::asymmetric)
-      if (use_int_v)  // the values' mins: sum_t p_t min_tb, kept per lane of tokens
-        for (std::size_t h = 0; h < g; ++h)
-          for (std::size_t b = 0; b < dim / FV::group; ++b) {
-            const float* acc = vbias + (h * (dim / FV::group) + b) * 16;
-            float sum = 0.f;
-            for (std::size_t t = 0; t < 16; ++t) sum += acc[t];
-            float* o = s.o + h * (dim + 1) + b * FV::group;
-            for (std::size_t d = 0; d < FV::group; ++d) o[d] += sum;
-          }
+    if constexpr (int_v)
+      if (use_int_v) add_value_mins<FV>(vbias, g, dim, s.o);
     finish_stream(s, g, dim);
   }
 }

@@ -8,6 +8,7 @@
 // tile_accumulate) with the query rows in vector lanes; see below.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 
@@ -268,14 +269,12 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
         vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim);
         continue;
       }
-      if (sv.rope_cs) {  // RoPE on read, at the key's cache index
+      kp[j] = float_row<P>(ks, dim, rb, Kf + j * dim);
+      if (sv.rope_cs) {  // RoPE on read, at the key's cache index, on a copy
         float* kf = Kf + j * dim;
-        const auto* k = rows<P>(ks, 1, dim, rb, kf);
-        for (std::size_t c = 0; c < dim / lanes; ++c) store(kf + c * lanes, load(k + c * lanes));
+        if (kp[j] != kf) std::copy_n(kp[j], dim, kf);
         rope_row(kf, sv.rope_cs + (k0 + j) * sv.rotary_dim, sv.rotary_dim, sv.rope_interleaved);
         kp[j] = kf;
-      } else {
-        kp[j] = float_row<P>(ks, dim, rb, Kf + j * dim);
       }
       vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim);
     }
