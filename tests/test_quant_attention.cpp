@@ -4,7 +4,8 @@
 // prefill, chunked prefill, ragged decode, split decode, GQA group sizes, the
 // rotated variants and a user's block precision read through its block
 // functions. Built twice: for this machine and for baseline x86-64 (no
-// AVX-512, no F16C), the portable path.
+// AVX-512, no F16C), the portable path; on a machine with AMX the first build
+// also runs the decode cases with the tile unit turned off (the VNNI path).
 #include "quant_support.hpp"
 #include "test_attention.hpp"
 
@@ -91,6 +92,28 @@ TEMPLATE_TEST_CASE("quantized attention equals float64 attention over the stored
   SECTION("static head_dim 128, group 4") { check_own<TestType, gqa<128>>(8, 2, 128); }
   SECTION("dynamic head_dim 64, group 1") { check_own<TestType, gqa<>>(3, 3, 64); }
   SECTION("dynamic head_dim 256, group 6") { check_own<TestType, gqa<>>(6, 1, 256); }
+  SECTION("dynamic head_dim 256, group 8") { check_own<TestType, gqa<>>(16, 2, 256); }
+  SECTION("dynamic head_dim 64, group 4") { check_own<TestType, gqa<>>(8, 2, 64); }
+}
+
+// Where the build and the CPU have AMX, decode scores and P.V run on the tile
+// unit; the same cases through the VNNI kernels, with the tile unit refused.
+TEMPLATE_TEST_CASE("quantized decode without the tile unit", "[quant][attention]", int8_kv<>,
+                   int8_kv<64>, int4_kv<>, int4_kv<true>, int2_kv, hadamard<int4_kv<>>) {
+  struct refuse {
+    refuse() { detail::amx::allowed() = false; }
+    ~refuse() { detail::amx::allowed() = true; }
+  } guard;
+  CHECK_FALSE(detail::amx::available());
+  SECTION("static head_dim 128, group 4") { check_own<TestType, gqa<128>>(8, 2, 128); }
+  SECTION("dynamic head_dim 256, group 8") { check_own<TestType, gqa<>>(16, 2, 256); }
+  SECTION("paged 16") { check_own<TestType, gqa<128>, paged<16>>(8, 2, 128); }
+}
+
+TEST_CASE("a build for AMX uses the tile unit", "[quant][attention]") {
+  // -march=native on a CPU with AMX-INT8 defines the macros; then only an
+  // OS that refuses the tile state may turn the path off.
+  if (KVCACHE_HAS_AMX) CHECK(detail::amx::available());
 }
 
 // Paged storage: a decode tile's runs end at every page, so the fused kernel

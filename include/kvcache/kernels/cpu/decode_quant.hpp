@@ -28,6 +28,7 @@
 #include "../plan.hpp"
 #include "../view.hpp"
 #include "decode_stream.hpp"
+#include "amx.hpp"
 #include "vnni.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -230,7 +231,9 @@ inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim, nb = dim / 32;
   const std::size_t integer = decode_streams * g * vnni::query_view::words(dim, 32) + dim / 4 * 16 +
                               2 * nb * 16 + 32 + decode_streams * g * nb * 16 + g * nb * 16 + 16;
-  return decode_streams * (2 * g + g * dim) + g * quant_tile + 64 + integer;
+  const std::size_t tiles =
+      (decode_streams * amx::query_bytes(g, dim) + amx::scratch_bytes(dim) + 64) / sizeof(float);
+  return decode_streams * (2 * g + g * dim) + g * quant_tile + 64 + integer + tiles;
 }
 
 //! Scores of up to 16 tokens x g heads into sc (g, quant_tile), by formats'
@@ -402,6 +405,30 @@ KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t r
 #endif
 }
 
+//! Scores of one tile for all g heads on the AMX tile unit (amx.hpp).
+template <class F>
+KVCACHE_ALWAYS_INLINE void amx_tile_scores(const std::byte* K, std::size_t rb, std::size_t n,
+                                           std::size_t g, std::size_t dim,
+                                           const amx::query_tiles& q, std::int8_t* abuf,
+                                           std::int32_t* cbuf, float* sc,
+                                           amx::prefetch_cursor& pf) noexcept {
+#if KVCACHE_HAS_AMX
+  if constexpr (amx::supported_format<F>())
+    for (std::size_t half = 0; half * 16 < quant_tile; ++half) {
+      if (half * 16 >= n) {  // an empty second half: no scores
+        for (std::size_t h = 0; h < g; ++h)
+          for (std::size_t t = 0; t < 16; ++t) sc[h * quant_tile + half * 16 + t] = -INFINITY;
+        continue;
+      }
+      amx::half_scores<F>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g,
+                          dim, q, abuf, cbuf, sc + half * 16, quant_tile, pf);
+    }
+#else
+  (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)abuf, (void)cbuf, (void)sc;
+  (void)pf;
+#endif
+}
+
 //! o = o x corr + p V for one tile and all g heads by integer dot products.
 template <class F, std::size_t HB>
 KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t rb, std::size_t n,
@@ -416,6 +443,49 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 #else
   (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
   (void)W, (void)bias;
+#endif
+}
+
+//! o = o x corr + p V for one tile and all g heads on the AMX tile unit
+//! (amx.hpp); o stays in amx::unpermute_output's order until the item ends.
+//! buf: amx::scratch_bytes past the scores' A rows.
+template <class F>
+KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, std::size_t n,
+                                           std::size_t g, std::size_t dim, const float* sc,
+                                           const float* corr, float* o, std::size_t stride,
+                                           float* bias, std::byte* buf,
+                                           amx::prefetch_cursor& pf) noexcept {
+#if KVCACHE_HAS_AMX
+  if constexpr (amx::supported_format<F>()) {
+    const std::size_t nb = dim / F::group, chunks = dim / 64;
+    auto* cbuf = reinterpret_cast<std::int32_t*>(buf);
+    auto* abuf = reinterpret_cast<std::int8_t*>(buf + 4096);
+    auto* bbuf = abuf + chunks * 512;
+    auto* vs = reinterpret_cast<float*>(bbuf + chunks * 2048);
+    amx::value_tiles<F>(V, rb, n, dim, bbuf, pf);
+    // The rows' block scales with tokens in lanes; rows past n get 0.
+    const bool two = n > 16;
+    const __m512i offs0 = vnni::tile_offsets(std::min<std::size_t>(n, 16), rb);
+    const __m512i offs1 = vnni::tile_offsets(two ? n - 16 : 1, rb);
+    for (std::size_t b = 0; b < nb; ++b) {
+      _mm512_storeu_ps(vs + 32 * b, vnni::gather_half(V, offs0, F::scale_offset(dim) + 2 * b));
+      _mm512_storeu_ps(vs + 32 * b + 16,
+                       two ? vnni::gather_half(V + 16 * rb, offs1, F::scale_offset(dim) + 2 * b)
+                           : _mm512_setzero_ps());
+    }
+    for (std::size_t h0 = 0; h0 < g; h0 += 4) {
+      amx::tile_values<F>(dim, sc + h0 * quant_tile, quant_tile, vs, corr + h0, o + h0 * stride,
+                          stride, bbuf, abuf, cbuf);
+      if constexpr (F::asymmetric)
+        for (std::size_t h = h0; h < h0 + 4; ++h)
+          vnni::value_min_terms<F>(V, rb, n, dim, _mm512_loadu_ps(sc + h * quant_tile),
+                                   _mm512_loadu_ps(sc + h * quant_tile + 16), corr[h],
+                                   bias + h * nb * 16);
+    }
+  }
+#else
+  (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
+  (void)bias, (void)buf, (void)pf;
 #endif
 }
 
@@ -465,6 +535,12 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   [[maybe_unused]] void* tile_T = nullptr;
   [[maybe_unused]] float* value_bias = nullptr;      // (streams, g, nb, 16)
   [[maybe_unused]] std::int16_t* value_w = nullptr;  // (g, nb, 16)
+  // Scores on the AMX tile unit (amx.hpp) where the build and the OS allow.
+  [[maybe_unused]] bool use_amx = false;
+  [[maybe_unused]] amx::query_tiles qtiles[decode_streams];
+  [[maybe_unused]] std::byte* amx_q = nullptr;
+  [[maybe_unused]] std::int8_t* amx_a = nullptr;
+  [[maybe_unused]] std::int32_t* amx_c = nullptr;
   constexpr bool integer_v = integer_values<P>();
   if constexpr (integer) {
     use_integer = vnni::supported_dim<F>(dim) && g <= 64 && dim <= 2048;
@@ -480,6 +556,16 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       value_bias = tile_mins + nb * 16;
       value_w = reinterpret_cast<std::int16_t*>(value_bias + decode_streams * g * nb * 16);
       vnni::block_columns<F>(dim, col_of, col_start);
+      if constexpr (amx::supported_format<F>())
+        use_amx = amx::supported_shape<F>(dim, g) && amx::available();
+      if (use_amx) {
+        auto a = reinterpret_cast<std::uintptr_t>(value_w + g * nb * 32);
+        a = (a + 63) & ~std::uintptr_t{63};
+        amx_q = reinterpret_cast<std::byte*>(a);
+        amx_a = reinterpret_cast<std::int8_t*>(amx_q + decode_streams * amx::query_bytes(g, dim));
+        amx_c = reinterpret_cast<std::int32_t*>(amx_a + 16 * dim);
+        amx::configure();
+      }
     }
   }
   for (std::size_t i = 0; i < count; ++i) {
@@ -498,13 +584,18 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       if (use_integer) {
         if (i > 0 && qs_group[i - 1] == 2 * grp + sink) {
           for (std::size_t h = 0; h < g; ++h) qv[i * g + h] = qv[(i - 1) * g + h];
+          qtiles[i] = qtiles[i - 1];
+        } else if (use_amx) {
+          if constexpr (amx::supported_format<F>())
+            qtiles[i] = amx::prepare_query<F>(st[i].q, g, dim,
+                                              amx_q + i * amx::query_bytes(g, dim));
         } else {
           for (std::size_t h = 0; h < g; ++h)
             vnni::quantize_query<F>(st[i].q + h * dim, dim, qv[i * g + h]);
         }
         qs_group[i] = 2 * grp + sink;
       }
-    if constexpr (integer_v)
+    if constexpr (integer)
       if (use_integer)
         for (std::size_t k = 0; k < g * (dim / F::group) * 16; ++k)
           value_bias[i * g * (dim / F::group) * 16 + k] = 0.f;
@@ -528,18 +619,30 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // faster than the prefetchers ramp up on 8 streams, and the first
       // touch would otherwise be a gather of scales that stalls on DRAM.
       // (A prefetch past the page or the item is harmless: it never faults.)
-      for (std::size_t off = 0; off < tile * rb; off += 64) {
-        __builtin_prefetch(K + tile * rb + off);
-        __builtin_prefetch(V + tile * rb + off);
+      amx::prefetch_cursor pf{reinterpret_cast<const char*>(K + tile * rb),
+                              reinterpret_cast<const char*>(V + tile * rb), (tile * rb + 63) / 64};
+      if (use_amx) {
+        // Over the scores' 32 epilogue steps: the lines are requested while
+        // this tile's arithmetic runs and have the value pass to arrive.
+        pf.step = (2 * pf.lines + 31) / 32;
+      } else {
+        pf.finish();
       }
       if constexpr (integer) {
-        if (use_integer)
+        if (use_amx)
+          amx_tile_scores<F>(K, rb, n, g, dim, qtiles[i], amx_a, amx_c, sc, pf);
+        else if (use_integer)
           integer_tile_scores<F, HB>(K, rb, n, g, dim, qv + i * g, tile_T, col_of, col_start,
                                      tile_scales, tile_mins, sc);
         else
           quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
         quant_softmax(s, g, sc, corr, tile);
-        if constexpr (integer_v) {
+        if (use_amx) {
+          amx_tile_values<F>(V, rb, n, g, dim, sc, corr, s.o, stride,
+                             value_bias + i * g * (dim / F::group) * 16,
+                             reinterpret_cast<std::byte*>(amx_a + 16 * dim), pf);
+          pf.finish();
+        } else if constexpr (integer_v) {
           if (use_integer) {
             integer_tile_values<F, HB>(V, rb, n, g, dim, sc, corr, s.o, stride, value_w,
                                        value_bias + i * g * (dim / F::group) * 16);
@@ -560,8 +663,14 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       active = active || s.t < it.end;
     }
   }
-  if constexpr (integer_v)
-    if (use_integer)
+  if constexpr (integer)
+    if (use_amx) {
+      amx::release();
+      for (std::size_t i = 0; i < count; ++i)
+        for (std::size_t h = 0; h < g; ++h) amx::unpermute_output(st[i].o + h * stride, dim);
+    }
+  if constexpr (integer)
+    if (use_amx || (integer_v && use_integer))
       for (std::size_t i = 0; i < count; ++i)
         add_value_mins<F>(value_bias + i * g * (dim / F::group) * 16, g, dim, st[i].o);
   for (std::size_t i = 0; i < count; ++i) {

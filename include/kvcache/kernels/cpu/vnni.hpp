@@ -312,6 +312,26 @@ KVCACHE_ALWAYS_INLINE void value_pairs(const std::uint8_t* a, const std::uint8_t
   }
 }
 
+//! An asymmetric format's running min terms for one head over a tile of
+//! n <= 32 rows: bias (nb, 16) = bias x corr + p0 x min (rows 0-15) + p1 x
+//! min (rows 16-31), per block, tokens in lanes.
+template <class F>
+KVCACHE_ALWAYS_INLINE void value_min_terms(const std::byte* V, std::size_t rb, std::size_t n,
+                                           std::size_t dim, __m512 p0, __m512 p1, float corr,
+                                           float* bias) noexcept {
+  const bool two = n > 16;
+  const __m512i offs0 = tile_offsets(std::min<std::size_t>(n, 16), rb);
+  const __m512i offs1 = tile_offsets(two ? n - 16 : 1, rb);
+  for (std::size_t b = 0; b < dim / F::group; ++b) {
+    float* acc = bias + b * 16;
+    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr));
+    a = _mm512_fmadd_ps(p0, gather_half(V, offs0, F::min_offset(dim) + 2 * b), a);
+    if (two)
+      a = _mm512_fmadd_ps(p1, gather_half(V + 16 * rb, offs1, F::min_offset(dim) + 2 * b), a);
+    _mm512_storeu_ps(acc, a);
+  }
+}
+
 //! o = o x corr + p V over a tile of n <= 32 rows of V (stride rb), for HB
 //! heads. p: (HB, pstride) weights, 32 per head (0 past n), o: (HB, ostride)
 //! outputs. W: (HB, nb, 32) int16 scratch. bias: (HB, nb, 16) running min
@@ -354,14 +374,7 @@ KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::
           reinterpret_cast<__m256i*>(w + 16),
           _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(p1, sv1[b]), inv))));
     }
-    if constexpr (F::asymmetric)
-      for (std::size_t b = 0; b < nb; ++b) {
-        float* acc = bias + (h * nb + b) * 16;
-        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr[h]));
-        a = _mm512_fmadd_ps(p0, gather_half(V, offs0, F::min_offset(dim) + 2 * b), a);
-        if (two) a = _mm512_fmadd_ps(p1, gather_half(V1, offs1, F::min_offset(dim) + 2 * b), a);
-        _mm512_storeu_ps(acc, a);
-      }
+    if constexpr (F::asymmetric) value_min_terms<F>(V, rb, n, dim, p0, p1, corr[h], bias + h * nb * 16);
   }
   const auto* W32 = reinterpret_cast<const std::int32_t*>(W);
   const std::size_t pairs = (n + 1) / 2;

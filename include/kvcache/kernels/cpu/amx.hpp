@@ -1,0 +1,493 @@
+// Q.K scores of integer block formats on the AMX tile unit (Intel AMX-INT8:
+// one tdpbssd multiplies a 16 x 64 int8 tile by a 64 x 16 int8 tile into
+// 16 x 16 int32 sums, 16 times the products of an AVX-512 VNNI instruction,
+// and it runs beside the vector units).
+//
+// The key tile is the rows as stored (int8) or unpacked to one signed byte
+// per element (int4, int2): A = 16 tokens x 64 dimensions, no transpose. The
+// query side is prepared once per work item: each head's query is quantized
+// per block to two bytes per element, q ~= sq (hi + lo / 256) as in vnni.hpp
+// (same bound), and laid out as B tiles whose 16 columns are
+//   lane l = 8 p + 2 h + j:   part p (hi, lo) of head h (of 4), segment j
+// where a 64-dimension chunk holds two 32-dimension segments and each column
+// is zero outside its segment. One tdpbssd per chunk so gives every head's
+// integer dot product per segment and part for 16 tokens. The epilogue scales
+// row t (a token) by the query factors and the token's block scales, adds
+// asymmetric formats' min terms, and sums each head's four lanes with a
+// shuffle tree that also turns tokens into lanes for the softmax.
+//
+// Used when the compiler targets AMX-TILE and AMX-INT8 and Linux grants the
+// process the tile state at run time; the VNNI path (vnni.hpp) otherwise.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "../../precision/block.hpp"
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && \
+    defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__linux__) && !defined(KVCACHE_NO_AMX)
+#define KVCACHE_HAS_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define KVCACHE_HAS_AMX 0
+#endif
+
+namespace kvcache {
+inline namespace v0 {
+namespace detail::amx {
+
+//! Formats whose scores this path computes: integer codes, blocks of 32 or
+//! more, and head_dims of whole 64-byte chunks (128 for the packed formats,
+//! whose unpacking works on 128 elements), at most 256 (the query tiles'
+//! scratch), with query heads in groups of 4 (the B tiles' columns).
+template <class F>
+constexpr bool supported_format() noexcept {
+  return F::kind == block_kind::int8_sym || F::kind == block_kind::int4_sym ||
+         F::kind == block_kind::int4_asym || F::kind == block_kind::int2_asym;
+}
+inline constexpr std::size_t max_dim = 256, max_group = 16;
+template <class F>
+constexpr bool supported_shape(std::size_t dim, std::size_t g) noexcept {
+  return dim % (F::bits == 8 ? 64 : 128) == 0 && dim <= max_dim && g % 4 == 0 &&
+         g <= max_group;
+}
+
+//! Bytes of one item's prepared query: per group of 4 heads and chunk, a
+//! 16 x 64 B tile, 16 lane factors and 16 min factors.
+inline constexpr std::size_t query_bytes(std::size_t g, std::size_t dim) noexcept {
+  return (g / 4) * (dim / 64) * (1024 + 128);
+}
+//! Bytes of the per-task scratch: unpacked key rows and stored C tiles
+//! (scores), then weight tiles and value tiles (P.V).
+inline constexpr std::size_t scratch_bytes(std::size_t dim) noexcept {
+  return 16 * dim + 4 * 1024 + (dim / 64) * 512 + (dim / 64) * 2048 + (dim / 32) * 32 * 4;
+}
+
+//! The lines of a stream's next tile, prefetched a few at a time from inside
+//! the loops of this tile: issued at once they stall the core on its line
+//! fill buffers and leave memory idle while it computes; spread out, the
+//! reads overlap the arithmetic.
+struct prefetch_cursor {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  std::size_t lines = 0;  // per operand
+  std::size_t next = 0;
+  std::size_t step = 0;
+  KVCACHE_ALWAYS_INLINE void issue() noexcept {
+    for (const std::size_t e = std::min(next + step, 2 * lines); next < e; ++next)
+      __builtin_prefetch((next < lines ? k : v) + 64 * (next < lines ? next : next - lines), 0, 1);
+  }
+  void finish() noexcept {
+    step = 2 * lines;
+    issue();
+  }
+};
+
+//! One item's query tiles in scratch (query_bytes).
+struct query_tiles {
+  std::byte* base = nullptr;
+  std::size_t chunks = 0;
+  const std::int8_t* b(std::size_t grp, std::size_t c) const noexcept {
+    return reinterpret_cast<const std::int8_t*>(base + (grp * chunks + c) * (1024 + 128));
+  }
+  const float* qf(std::size_t grp, std::size_t c) const noexcept {
+    return reinterpret_cast<const float*>(base + (grp * chunks + c) * (1024 + 128) + 1024);
+  }
+  const float* qm(std::size_t grp, std::size_t c) const noexcept { return qf(grp, c) + 16; }
+};
+
+//! Quantizes g query heads (g x dim floats) into tiles at `base`.
+template <class F>
+query_tiles prepare_query(const float* q, std::size_t g, std::size_t dim, std::byte* base) noexcept {
+  constexpr std::size_t G = F::group;
+  const std::size_t chunks = dim / 64;
+  query_tiles t{base, chunks};
+  std::memset(base, 0, query_bytes(g, dim));
+  for (std::size_t h = 0; h < g; ++h) {
+    const float* qh = q + h * dim;
+    const std::size_t grp = h / 4, hl = h % 4;
+    for (std::size_t b0 = 0; b0 < dim; b0 += G) {
+      float amax = 0.f;
+      for (std::size_t i = 0; i < G; ++i) amax = std::max(amax, std::fabs(qh[b0 + i]));
+      const float sq = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (std::size_t s0 = b0; s0 < b0 + G; s0 += 32) {  // 32-dimension segments
+        const std::size_t c = s0 / 64, j = (s0 % 64) / 32;
+        auto* B = reinterpret_cast<std::int8_t*>(base + (grp * chunks + c) * (1024 + 128));
+        auto* qf = reinterpret_cast<float*>(B + 1024);
+        float sum = 0.f;  // the segment's sum of q as quantized
+        for (std::size_t d = s0; d < s0 + 32; ++d) {
+          const float x = qh[d] * inv;
+          const float hi = std::nearbyint(x);
+          const float lo = std::max(-127.f, std::min(127.f, std::nearbyint((x - hi) * 256.f)));
+          const std::size_t r = (d % 64) / 4, i = d % 4;
+          B[r * 64 + 4 * (0 * 8 + 2 * hl + j) + i] = static_cast<std::int8_t>(hi);
+          B[r * 64 + 4 * (1 * 8 + 2 * hl + j) + i] = static_cast<std::int8_t>(lo);
+          sum += hi + lo / 256.f;
+        }
+        qf[0 * 8 + 2 * hl + j] = sq;
+        qf[1 * 8 + 2 * hl + j] = sq / 256.f;
+        qf[16 + 2 * hl + j] = sum * sq;  // min factor, on the hi lane only
+      }
+    }
+  }
+  return t;
+}
+
+//! Puts one head's output (dim floats) from tile_values' order into natural
+//! order: stored 64 c + 16 j + 4 L + m holds dimension 64 c + 16 L + 4 j + m.
+inline void unpermute_output(float* o, std::size_t dim) noexcept {
+  for (std::size_t c = 0; c < dim; c += 64) {
+    float t[64];
+    for (std::size_t j = 0; j < 4; ++j)
+      for (std::size_t L = 0; L < 4; ++L)
+        for (std::size_t m = 0; m < 4; ++m) t[16 * L + 4 * j + m] = o[c + 16 * j + 4 * L + m];
+    std::memcpy(o + c, t, sizeof t);
+  }
+}
+
+#if KVCACHE_HAS_AMX
+
+//! Whether kernels may use the tile unit where it is available (tests turn it
+//! off to check the VNNI path on the same machine).
+inline std::atomic<bool>& allowed() noexcept {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+//! Whether this process may use the tile registers: the CPU has AMX-INT8 and
+//! Linux granted the tile state (it must be requested once per process).
+inline bool available() noexcept {
+  if (!allowed().load(std::memory_order_relaxed)) return false;
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1u) || !((d >> 25) & 1u)) return false;  // AMX-TILE, AMX-INT8
+    constexpr long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;
+    return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+  }();
+  return ok;
+}
+
+//! Scores: A in tmm0-1, B in tmm2-3 (16 rows of 64 bytes). P.V: weights in
+//! tmm6 (16 rows of 32 tokens), values in tmm7 (8 rows of 4 tokens x 16
+//! dimensions). Both: C in tmm4-5 (16 rows of 16 int32).
+inline void configure() noexcept {
+  struct alignas(64) {
+    std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    std::uint16_t colsb[16] = {};
+    std::uint8_t rows[16] = {};
+  } cfg;
+  for (int i = 0; i < 6; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  cfg.colsb[6] = 32, cfg.rows[6] = 16;
+  cfg.colsb[7] = 64, cfg.rows[7] = 8;
+  _tile_loadconfig(&cfg);
+}
+inline void release() noexcept { _tile_release(); }
+
+//! Row r of a tile of n rows as signed levels, natural element order, in
+//! `out` (dim bytes). int8 codes are levels already.
+template <class F>
+KVCACHE_ALWAYS_INLINE void unpack_row(const std::uint8_t* codes, std::size_t dim,
+                                      std::int8_t* out) noexcept {
+  if constexpr (F::bits == 8) {
+    for (std::size_t e = 0; e < dim; e += 64)
+      _mm512_storeu_si512(out + e, _mm512_loadu_si512(codes + e));
+  } else if constexpr (F::bits == 4) {
+    // 16 bytes per block of 32: low nibbles are its elements 0-15, high 16-31.
+    const __m512i m = _mm512_set1_epi8(0x0f);
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (std::size_t e = 0; e < dim; e += 128) {
+      const __m512i x = _mm512_loadu_si512(codes + e / 2);
+      __m512i lo = _mm512_and_si512(x, m), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
+      if constexpr (F::kind == block_kind::int4_sym) {
+        lo = _mm512_sub_epi8(lo, _mm512_set1_epi8(8));
+        hi = _mm512_sub_epi8(hi, _mm512_set1_epi8(8));
+      }
+      _mm512_storeu_si512(out + e, _mm512_permutex2var_epi64(lo, first, hi));
+      _mm512_storeu_si512(out + e + 64, _mm512_permutex2var_epi64(lo, second, hi));
+    }
+  } else {
+    // 8 bytes per block of 32: byte j holds elements j, j + 8, j + 16, j + 24.
+    const __m512i m = _mm512_set1_epi8(0x03);
+    const __m512i shifts = _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6);
+    for (std::size_t e = 0; e < dim; e += 128) {
+      const __m512i x = _mm512_castsi256_si512(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + e / 4)));
+      const __m512i b01 = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), x);
+      const __m512i b23 = _mm512_permutexvar_epi64(_mm512_setr_epi64(2, 2, 2, 2, 3, 3, 3, 3), x);
+      _mm512_storeu_si512(out + e, _mm512_and_si512(_mm512_srlv_epi64(b01, shifts), m));
+      _mm512_storeu_si512(out + e + 64, _mm512_and_si512(_mm512_srlv_epi64(b23, shifts), m));
+    }
+  }
+}
+
+//! A row's nb fp16 block values at byte `off`, as floats in lanes 0..nb-1
+//! (masked load: nothing past the row is read).
+KVCACHE_ALWAYS_INLINE __m512 row_halves(const std::byte* row, std::size_t off,
+                                        std::size_t nb) noexcept {
+  const __mmask16 m = static_cast<__mmask16>((1u << nb) - 1u);
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row + off));
+}
+
+//! Sums each head's four lanes of 16 token vectors y[t] (lane 8 p + 2 h + j)
+//! into one vector per head with token t in lane t.
+KVCACHE_ALWAYS_INLINE void heads_by_token(const __m512* y, __m512* out) noexcept {
+  __m512 u[8], v[4];
+  // Parts: 128-bit lanes (p, h pair) -> (token, h pair).
+  for (int m = 0; m < 8; ++m)
+    u[m] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * m], y[2 * m + 1], 0x44),
+                         _mm512_shuffle_f32x4(y[2 * m], y[2 * m + 1], 0xee));
+  // Segments: adjacent lanes.
+  for (int n = 0; n < 4; ++n)
+    v[n] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * n], u[2 * n + 1], 0x88),
+                         _mm512_shuffle_ps(u[2 * n], u[2 * n + 1], 0xdd));
+  // v[n] lane 4 q + r holds token 4 n + i of head h with
+  // q = 2 (i & 1) + (h >> 1), r = 2 (i >> 1) + (h & 1).
+  for (int h = 0; h < 4; ++h) {
+    alignas(64) std::int32_t idx[16];
+    for (int k = 0; k < 16; ++k) {
+      const int i = k % 4, lane = 4 * (2 * (i & 1) + (h >> 1)) + 2 * (i >> 1) + (h & 1);
+      idx[k] = (k % 8 < 4 ? 0 : 16) + lane;
+    }
+    const __m512i ix = _mm512_load_si512(idx);
+    out[h] = _mm512_mask_blend_ps(0xff00, _mm512_permutex2var_ps(v[0], ix, v[1]),
+                                  _mm512_permutex2var_ps(v[2], ix, v[3]));
+  }
+}
+
+//! Scores of 16 rows (n valid; rows past n repeat row n - 1) for g heads into
+//! sc (g rows, sc_stride apart), -inf past n. abuf: 16 x dim bytes; cbuf:
+//! (dim / 64) x 1 KiB.
+template <class F>
+KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::size_t n,
+                                       std::size_t g, std::size_t dim, const query_tiles& q,
+                                       std::int8_t* abuf, std::int32_t* cbuf, float* sc,
+                                       std::size_t sc_stride, prefetch_cursor& pf) noexcept {
+  constexpr std::size_t G = F::group;
+  const std::size_t chunks = dim / 64, nb = dim / G;
+  const std::int8_t* A = abuf;
+  std::size_t astride = dim;
+  if (F::bits == 8 && n == 16) {
+    A = reinterpret_cast<const std::int8_t*>(K);  // the rows as stored
+    astride = rb;
+  } else {
+    for (std::size_t t = 0; t < 16; ++t)
+      unpack_row<F>(reinterpret_cast<const std::uint8_t*>(K + std::min(t, n - 1) * rb), dim,
+                    abuf + t * dim);
+  }
+  const __m512i lane_j = _mm512_and_si512(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(1));
+  for (std::size_t grp = 0; grp < g / 4; ++grp) {
+    for (std::size_t c = 0; c < chunks; c += 2) {
+      _tile_loadd(0, A + 64 * c, static_cast<long>(astride));
+      _tile_loadd(2, q.b(grp, c), 64);
+      _tile_zero(4);
+      _tile_dpbssd(4, 0, 2);
+      _tile_stored(4, cbuf + 256 * c, 64);
+      if (c + 1 < chunks) {
+        _tile_loadd(1, A + 64 * (c + 1), static_cast<long>(astride));
+        _tile_loadd(3, q.b(grp, c + 1), 64);
+        _tile_zero(5);
+        _tile_dpbssd(5, 1, 3);
+        _tile_stored(5, cbuf + 256 * (c + 1), 64);
+      }
+    }
+    __m512 y[16];
+    for (std::size_t t = 0; t < 16; ++t) {
+      pf.issue();
+      const std::byte* row = K + std::min(t, n - 1) * rb;
+      const __m512 ks = row_halves(row, F::scale_offset(dim), nb);
+      [[maybe_unused]] __m512 km;
+      if constexpr (F::asymmetric) km = row_halves(row, F::min_offset(dim), nb);
+      __m512 acc = _mm512_setzero_ps();
+      for (std::size_t c = 0; c < chunks; ++c) {
+        // Block of lane l's segment: (64 c + 32 j) / G.
+        const __m512i blk = _mm512_srli_epi32(
+            _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(64 * c)),
+                             _mm512_slli_epi32(lane_j, 5)),
+            __builtin_ctz(static_cast<unsigned>(G)));
+        const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(blk, ks), _mm512_loadu_ps(q.qf(grp, c)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(cbuf + 256 * c + 16 * t)), s,
+                              acc);
+        if constexpr (F::asymmetric)
+          acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(blk, km), _mm512_loadu_ps(q.qm(grp, c)), acc);
+      }
+      y[t] = acc;
+    }
+    __m512 out[4];
+    heads_by_token(y, out);
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+    for (std::size_t h = 0; h < 4; ++h)
+      _mm512_storeu_ps(sc + (4 * grp + h) * sc_stride,
+                       _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), out[h]));
+  }
+}
+
+// ---- P.V -------------------------------------------------------------------
+//
+// out[h][d] = sum_t p[h][t] (scale[t][b(d)] level[t][d] + min[t][b(d)]).
+// The contraction runs over tokens, so the weights are the A tile: each
+// softmax weight times its token's block scale, rounded against the head's
+// largest such product to two bytes, w ~= ws (hi + lo / 256) (relative error
+// near 2^-16, as the VNNI path's int16 weights). A row m = 8 sl + 2 h + p
+// holds part p of head h for segment sl of a 64-dimension chunk, over the
+// tile's 32 tokens. The values are the B tile: four tokens' bytes interleaved
+// per dimension (unpacklo/hi of bytes, then of words), which leaves column n
+// of B tile j of chunk c holding dimension 64 c + 16 (n / 4) + 4 j + n % 4:
+// columns 0-7 lie in the chunk's first segment and 8-15 in its second, so
+// one C tile serves both segments (rows of the other segment are unused),
+// and the outputs are kept in this order until the item ends
+// (unpermute_output). Asymmetric formats' mins are summed by the caller
+// (vnni.hpp's running min terms).
+
+//! Elements [64 c, 64 c + 64) of a row as signed levels in natural order.
+template <class F>
+KVCACHE_ALWAYS_INLINE __m512i row_chunk(const std::uint8_t* codes, std::size_t c) noexcept {
+  if constexpr (F::bits == 8) {
+    return _mm512_loadu_si512(codes + 64 * c);
+  } else if constexpr (F::bits == 4) {
+    const __m512i x = _mm512_loadu_si512(codes + 64 * (c / 2));
+    const __m512i m = _mm512_set1_epi8(0x0f);
+    __m512i lo = _mm512_and_si512(x, m), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
+    if constexpr (F::kind == block_kind::int4_sym) {
+      lo = _mm512_sub_epi8(lo, _mm512_set1_epi8(8));
+      hi = _mm512_sub_epi8(hi, _mm512_set1_epi8(8));
+    }
+    return c % 2 == 0 ? _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi)
+                      : _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi);
+  } else {
+    const __m512i x = _mm512_castsi256_si512(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * (c / 2))));
+    const __m512i idx = c % 2 == 0 ? _mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1)
+                                   : _mm512_setr_epi64(2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_and_si512(
+        _mm512_srlv_epi64(_mm512_permutexvar_epi64(idx, x), _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)),
+        _mm512_set1_epi8(0x03));
+  }
+}
+
+//! Value tiles of up to 32 rows (n valid; rows past n repeat row n - 1, their
+//! weights are 0) into bbuf: (dim / 64 chunks, 4 tiles, 8 rows, 64 bytes).
+template <class F>
+KVCACHE_ALWAYS_INLINE void value_tiles(const std::byte* V, std::size_t rb, std::size_t n,
+                                       std::size_t dim, std::int8_t* bbuf,
+                                       prefetch_cursor& pf) noexcept {
+  for (std::size_t q = 0; q < 8; ++q) {
+    pf.issue();
+    const std::uint8_t* r[4];
+    for (std::size_t i = 0; i < 4; ++i)
+      r[i] = reinterpret_cast<const std::uint8_t*>(V + std::min(4 * q + i, n - 1) * rb);
+    for (std::size_t c = 0; c < dim / 64; ++c) {
+      const __m512i x0 = row_chunk<F>(r[0], c), x1 = row_chunk<F>(r[1], c);
+      const __m512i x2 = row_chunk<F>(r[2], c), x3 = row_chunk<F>(r[3], c);
+      const __m512i a0 = _mm512_unpacklo_epi8(x0, x1), a1 = _mm512_unpackhi_epi8(x0, x1);
+      const __m512i b0 = _mm512_unpacklo_epi8(x2, x3), b1 = _mm512_unpackhi_epi8(x2, x3);
+      std::int8_t* out = bbuf + c * 2048 + q * 64;
+      _mm512_storeu_si512(out, _mm512_unpacklo_epi16(a0, b0));
+      _mm512_storeu_si512(out + 512, _mm512_unpackhi_epi16(a0, b0));
+      _mm512_storeu_si512(out + 1024, _mm512_unpacklo_epi16(a1, b1));
+      _mm512_storeu_si512(out + 1536, _mm512_unpackhi_epi16(a1, b1));
+    }
+  }
+}
+
+//! 16 floats as int8 bytes (rounded, saturated) at out.
+KVCACHE_ALWAYS_INLINE void store_bytes(std::int8_t* out, __m512i x) noexcept {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(x));
+}
+
+//! o (4 heads, ostride apart, in unpermute_output's order) = o x corr + p V
+//! over a tile of n <= 32 rows, for 4 heads: p (4, pstride) weights (0 past
+//! n), vs (nb, 32) the rows' block scales, bbuf from value_tiles.
+//! abuf: (dim / 64) x 512 bytes; cbuf: 4 KiB.
+template <class F>
+KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, const float* p, std::size_t pstride,
+                                       const float* vs, const float* corr, float* o,
+                                       std::size_t ostride, const std::int8_t* bbuf,
+                                       std::int8_t* abuf, std::int32_t* cbuf) noexcept {
+  constexpr std::size_t G = F::group;
+  const std::size_t chunks = dim / 64;
+  float wscale[4];
+  for (std::size_t h = 0; h < 4; ++h) {
+    const __m512 p0 = _mm512_loadu_ps(p + h * pstride), p1 = _mm512_loadu_ps(p + h * pstride + 16);
+    // |products|: q4_0-style scales are negative when a block's extreme is positive.
+    __m512 mx = _mm512_setzero_ps();
+    for (std::size_t b = 0; b < dim / G; ++b) {
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(p0, _mm512_loadu_ps(vs + 32 * b))));
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(p1, _mm512_loadu_ps(vs + 32 * b + 16))));
+    }
+    const float wmax = _mm512_reduce_max_ps(mx);
+    wscale[h] = wmax / (127.f * 256.f);
+    const __m512 inv = _mm512_set1_ps(wmax > 0.f ? 127.f / wmax : 0.f);
+    for (std::size_t sg = 0; sg < dim / 32; ++sg) {
+      const float* sb = vs + 32 * (32 * sg / G);
+      std::int8_t* row = abuf + (sg / 2) * 512 + (8 * (sg % 2) + 2 * h) * 32;
+      for (std::size_t k = 0; k < 2; ++k) {
+        const __m512 y =
+            _mm512_mul_ps(_mm512_mul_ps(k ? p1 : p0, _mm512_loadu_ps(sb + 16 * k)), inv);
+        const __m512i hi = _mm512_cvtps_epi32(y);
+        const __m512i lo = _mm512_cvtps_epi32(
+            _mm512_mul_ps(_mm512_sub_ps(y, _mm512_cvtepi32_ps(hi)), _mm512_set1_ps(256.f)));
+        store_bytes(row + 16 * k, hi);
+        store_bytes(row + 32 + 16 * k, lo);
+      }
+    }
+  }
+  for (std::size_t c = 0; c < chunks; ++c) {
+    _tile_loadd(6, abuf + c * 512, 32);
+    _tile_loadd(7, bbuf + c * 2048, 64);
+    _tile_zero(4);
+    _tile_dpbssd(4, 6, 7);
+    _tile_stored(4, cbuf, 64);
+    _tile_loadd(7, bbuf + c * 2048 + 512, 64);
+    _tile_zero(5);
+    _tile_dpbssd(5, 6, 7);
+    _tile_stored(5, cbuf + 256, 64);
+    _tile_loadd(7, bbuf + c * 2048 + 1024, 64);
+    _tile_zero(4);
+    _tile_dpbssd(4, 6, 7);
+    _tile_stored(4, cbuf + 512, 64);
+    _tile_loadd(7, bbuf + c * 2048 + 1536, 64);
+    _tile_zero(5);
+    _tile_dpbssd(5, 6, 7);
+    _tile_stored(5, cbuf + 768, 64);
+    for (std::size_t h = 0; h < 4; ++h) {
+      const __m512 cr = _mm512_set1_ps(corr[h]), ws = _mm512_set1_ps(wscale[h]);
+      for (std::size_t j = 0; j < 4; ++j) {
+        const std::int32_t* C = cbuf + 256 * j;
+        const __m512i hi = _mm512_mask_loadu_epi32(_mm512_loadu_si512(C + 16 * (2 * h)), 0xff00,
+                                                   C + 16 * (8 + 2 * h));
+        const __m512i lo = _mm512_mask_loadu_epi32(_mm512_loadu_si512(C + 16 * (2 * h + 1)),
+                                                   0xff00, C + 16 * (8 + 2 * h + 1));
+        const __m512 x = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo));
+        float* dst = o + h * ostride + 64 * c + 16 * j;
+        _mm512_storeu_ps(dst, _mm512_fmadd_ps(x, ws, _mm512_mul_ps(_mm512_loadu_ps(dst), cr)));
+      }
+    }
+  }
+}
+
+#else
+
+inline std::atomic<bool>& allowed() noexcept {
+  static std::atomic<bool> on{true};
+  return on;
+}
+inline bool available() noexcept { return false; }
+inline void configure() noexcept {}
+inline void release() noexcept {}
+
+#endif  // KVCACHE_HAS_AMX
+
+}  // namespace detail::amx
+}  // namespace v0
+}  // namespace kvcache
