@@ -65,10 +65,10 @@ constexpr bool supported_shape(std::size_t dim, std::size_t g) noexcept {
 inline constexpr std::size_t query_bytes(std::size_t g, std::size_t dim) noexcept {
   return (g / 4) * (dim / 64) * (1024 + 128);
 }
-//! Bytes of the per-task scratch: unpacked key rows and stored C tiles
-//! (scores), then weight tiles and value tiles (P.V).
+//! Bytes of the per-task scratch: unpacked key rows, stored C tiles, then
+//! P.V's weight tiles, value tiles and block scales.
 inline constexpr std::size_t scratch_bytes(std::size_t dim) noexcept {
-  return 16 * dim + 4 * 1024 + (dim / 64) * 512 + (dim / 64) * 2048 + (dim / 32) * 32 * 4;
+  return 32 * dim + 4 * 1024 + (dim / 64) * 1024 + (dim / 64) * 2048 + 512 + (dim / 32) * 32 * 4;
 }
 
 //! The lines of a stream's next tile, prefetched a few at a time from inside
@@ -176,18 +176,16 @@ inline bool available() noexcept {
   return ok;
 }
 
-//! Scores: A in tmm0-1, B in tmm2-3 (16 rows of 64 bytes). P.V: weights in
-//! tmm6 (16 rows of 32 tokens), values in tmm7 (8 rows of 4 tokens x 16
-//! dimensions). Both: C in tmm4-5 (16 rows of 16 int32).
+//! Every tile 16 rows of 64 bytes. Scores: A in tmm0-1, B in tmm2-3, C in
+//! tmm4-5. P.V: weights in tmm6, values in tmm0-3, C in tmm4, tmm5, tmm7
+//! (distinct registers, so loads and products do not wait on each other).
 inline void configure() noexcept {
   struct alignas(64) {
     std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
     std::uint16_t colsb[16] = {};
     std::uint8_t rows[16] = {};
   } cfg;
-  for (int i = 0; i < 6; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-  cfg.colsb[6] = 32, cfg.rows[6] = 16;
-  cfg.colsb[7] = 64, cfg.rows[7] = 8;
+  for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
   _tile_loadconfig(&cfg);
 }
 inline void release() noexcept { _tile_release(); }
@@ -264,26 +262,36 @@ KVCACHE_ALWAYS_INLINE void heads_by_token(const __m512* y, __m512* out) noexcept
   }
 }
 
+//! Where a tile's key rows are read as A tiles: full int8 tiles in place,
+//! any other tile unpacked to 32 rows (rows past n repeat row n - 1) in abuf
+//! (32 x dim bytes). Unpacking is a separate step so that the kernel can do
+//! other work before the tile loads: a tile load of bytes that vector
+//! stores have just written waits for them to reach the cache (~80 cycles).
+struct key_rows {
+  const std::int8_t* a;
+  std::size_t stride;
+};
+template <class F>
+KVCACHE_ALWAYS_INLINE key_rows unpack_keys(const std::byte* K, std::size_t rb, std::size_t n,
+                                           std::size_t dim, std::int8_t* abuf) noexcept {
+  if (F::bits == 8 && n == 32) return {reinterpret_cast<const std::int8_t*>(K), rb};
+  for (std::size_t t = 0; t < 32; ++t)
+    unpack_row<F>(reinterpret_cast<const std::uint8_t*>(K + std::min(t, n - 1) * rb), dim,
+                  abuf + t * dim);
+  return {abuf, dim};
+}
+
 //! Scores of 16 rows (n valid; rows past n repeat row n - 1) for g heads into
-//! sc (g rows, sc_stride apart), -inf past n. abuf: 16 x dim bytes; cbuf:
-//! (dim / 64) x 1 KiB.
+//! sc (g rows, sc_stride apart), -inf past n. A: the rows as signed levels
+//! (astride apart); cbuf: (dim / 64) x 1 KiB.
 template <class F>
 KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::size_t n,
                                        std::size_t g, std::size_t dim, const query_tiles& q,
-                                       std::int8_t* abuf, std::int32_t* cbuf, float* sc,
-                                       std::size_t sc_stride, prefetch_cursor& pf) noexcept {
+                                       const std::int8_t* A, std::size_t astride,
+                                       std::int32_t* cbuf, float* sc, std::size_t sc_stride,
+                                       prefetch_cursor& pf) noexcept {
   constexpr std::size_t G = F::group;
   const std::size_t chunks = dim / 64, nb = dim / G;
-  const std::int8_t* A = abuf;
-  std::size_t astride = dim;
-  if (F::bits == 8 && n == 16) {
-    A = reinterpret_cast<const std::int8_t*>(K);  // the rows as stored
-    astride = rb;
-  } else {
-    for (std::size_t t = 0; t < 16; ++t)
-      unpack_row<F>(reinterpret_cast<const std::uint8_t*>(K + std::min(t, n - 1) * rb), dim,
-                    abuf + t * dim);
-  }
   const __m512i lane_j = _mm512_and_si512(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(1));
   for (std::size_t grp = 0; grp < g / 4; ++grp) {
@@ -340,7 +348,9 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
 // largest such product to two bytes, w ~= ws (hi + lo / 256) (relative error
 // near 2^-16, as the VNNI path's int16 weights). A row m = 8 sl + 2 h + p
 // holds part p of head h for segment sl of a 64-dimension chunk, over the
-// tile's 32 tokens. The values are the B tile: four tokens' bytes interleaved
+// tile's 32 tokens; its other 32 bytes stay zero, so every tile has one
+// shape (16 rows of 64 bytes) and the B tiles' rows 8-15 (whatever follows
+// in the buffer) are multiplied by zero. The values are the B tile: four tokens' bytes interleaved
 // per dimension (unpacklo/hi of bytes, then of words), which leaves column n
 // of B tile j of chunk c holding dimension 64 c + 16 (n / 4) + 4 j + n % 4:
 // columns 0-7 lie in the chunk's first segment and 8-15 in its second, so
@@ -407,8 +417,9 @@ KVCACHE_ALWAYS_INLINE void store_bytes(std::int8_t* out, __m512i x) noexcept {
 
 //! o (4 heads, ostride apart, in unpermute_output's order) = o x corr + p V
 //! over a tile of n <= 32 rows, for 4 heads: p (4, pstride) weights (0 past
-//! n), vs (nb, 32) the rows' block scales, bbuf from value_tiles.
-//! abuf: (dim / 64) x 512 bytes; cbuf: 4 KiB.
+//! n), vs (nb, 32) the rows' block scales, bbuf from value_tiles (and 512
+//! readable bytes after it). abuf: (dim / 64) KiB, bytes 32-63 of every
+//! 64-byte row zero; cbuf: 4 KiB.
 template <class F>
 KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, const float* p, std::size_t pstride,
                                        const float* vs, const float* corr, float* o,
@@ -430,7 +441,7 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, const float* p, std::siz
     const __m512 inv = _mm512_set1_ps(wmax > 0.f ? 127.f / wmax : 0.f);
     for (std::size_t sg = 0; sg < dim / 32; ++sg) {
       const float* sb = vs + 32 * (32 * sg / G);
-      std::int8_t* row = abuf + (sg / 2) * 512 + (8 * (sg % 2) + 2 * h) * 32;
+      std::int8_t* row = abuf + (sg / 2) * 1024 + (8 * (sg % 2) + 2 * h) * 64;
       for (std::size_t k = 0; k < 2; ++k) {
         const __m512 y =
             _mm512_mul_ps(_mm512_mul_ps(k ? p1 : p0, _mm512_loadu_ps(sb + 16 * k)), inv);
@@ -438,28 +449,29 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, const float* p, std::siz
         const __m512i lo = _mm512_cvtps_epi32(
             _mm512_mul_ps(_mm512_sub_ps(y, _mm512_cvtepi32_ps(hi)), _mm512_set1_ps(256.f)));
         store_bytes(row + 16 * k, hi);
-        store_bytes(row + 32 + 16 * k, lo);
+        store_bytes(row + 64 + 16 * k, lo);
       }
     }
   }
   for (std::size_t c = 0; c < chunks; ++c) {
-    _tile_loadd(6, abuf + c * 512, 32);
-    _tile_loadd(7, bbuf + c * 2048, 64);
+    const std::int8_t* B = bbuf + c * 2048;
+    _tile_loadd(6, abuf + c * 1024, 64);
+    _tile_loadd(0, B, 64);
+    _tile_loadd(1, B + 512, 64);
+    _tile_loadd(2, B + 1024, 64);
+    _tile_loadd(3, B + 1536, 64);
     _tile_zero(4);
-    _tile_dpbssd(4, 6, 7);
+    _tile_zero(5);
+    _tile_zero(7);
+    _tile_dpbssd(4, 6, 0);
+    _tile_dpbssd(5, 6, 1);
+    _tile_dpbssd(7, 6, 2);
     _tile_stored(4, cbuf, 64);
-    _tile_loadd(7, bbuf + c * 2048 + 512, 64);
-    _tile_zero(5);
-    _tile_dpbssd(5, 6, 7);
-    _tile_stored(5, cbuf + 256, 64);
-    _tile_loadd(7, bbuf + c * 2048 + 1024, 64);
     _tile_zero(4);
-    _tile_dpbssd(4, 6, 7);
-    _tile_stored(4, cbuf + 512, 64);
-    _tile_loadd(7, bbuf + c * 2048 + 1536, 64);
-    _tile_zero(5);
-    _tile_dpbssd(5, 6, 7);
-    _tile_stored(5, cbuf + 768, 64);
+    _tile_dpbssd(4, 6, 3);
+    _tile_stored(5, cbuf + 256, 64);
+    _tile_stored(7, cbuf + 512, 64);
+    _tile_stored(4, cbuf + 768, 64);
     for (std::size_t h = 0; h < 4; ++h) {
       const __m512 cr = _mm512_set1_ps(corr[h]), ws = _mm512_set1_ps(wscale[h]);
       for (std::size_t j = 0; j < 4; ++j) {

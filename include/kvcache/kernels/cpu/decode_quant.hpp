@@ -405,11 +405,12 @@ KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t r
 #endif
 }
 
-//! Scores of one tile for all g heads on the AMX tile unit (amx.hpp).
+//! Scores of one tile for all g heads on the AMX tile unit (amx.hpp); keys
+//! from amx::unpack_keys.
 template <class F>
 KVCACHE_ALWAYS_INLINE void amx_tile_scores(const std::byte* K, std::size_t rb, std::size_t n,
                                            std::size_t g, std::size_t dim,
-                                           const amx::query_tiles& q, std::int8_t* abuf,
+                                           const amx::query_tiles& q, amx::key_rows keys,
                                            std::int32_t* cbuf, float* sc,
                                            amx::prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_AMX
@@ -421,10 +422,11 @@ KVCACHE_ALWAYS_INLINE void amx_tile_scores(const std::byte* K, std::size_t rb, s
         continue;
       }
       amx::half_scores<F>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g,
-                          dim, q, abuf, cbuf, sc + half * 16, quant_tile, pf);
+                          dim, q, keys.a + half * 16 * keys.stride, keys.stride, cbuf,
+                          sc + half * 16, quant_tile, pf);
     }
 #else
-  (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)abuf, (void)cbuf, (void)sc;
+  (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)keys, (void)cbuf, (void)sc;
   (void)pf;
 #endif
 }
@@ -448,21 +450,32 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 
 //! o = o x corr + p V for one tile and all g heads on the AMX tile unit
 //! (amx.hpp); o stays in amx::unpermute_output's order until the item ends.
-//! buf: amx::scratch_bytes past the scores' A rows.
+//! buf: amx::scratch_bytes past the scores' A rows, its value tiles made by
+//! amx_value_tiles.
+template <class F>
+KVCACHE_ALWAYS_INLINE void amx_value_tiles(const std::byte* V, std::size_t rb, std::size_t n,
+                                           std::size_t dim, std::byte* buf,
+                                           amx::prefetch_cursor& pf) noexcept {
+#if KVCACHE_HAS_AMX
+  if constexpr (amx::supported_format<F>())
+    amx::value_tiles<F>(V, rb, n, dim,
+                        reinterpret_cast<std::int8_t*>(buf + 4096) + dim / 64 * 1024, pf);
+#else
+  (void)V, (void)rb, (void)n, (void)dim, (void)buf, (void)pf;
+#endif
+}
 template <class F>
 KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, std::size_t n,
                                            std::size_t g, std::size_t dim, const float* sc,
                                            const float* corr, float* o, std::size_t stride,
-                                           float* bias, std::byte* buf,
-                                           amx::prefetch_cursor& pf) noexcept {
+                                           float* bias, std::byte* buf) noexcept {
 #if KVCACHE_HAS_AMX
   if constexpr (amx::supported_format<F>()) {
     const std::size_t nb = dim / F::group, chunks = dim / 64;
     auto* cbuf = reinterpret_cast<std::int32_t*>(buf);
     auto* abuf = reinterpret_cast<std::int8_t*>(buf + 4096);
-    auto* bbuf = abuf + chunks * 512;
-    auto* vs = reinterpret_cast<float*>(bbuf + chunks * 2048);
-    amx::value_tiles<F>(V, rb, n, dim, bbuf, pf);
+    auto* bbuf = abuf + chunks * 1024;
+    auto* vs = reinterpret_cast<float*>(bbuf + chunks * 2048 + 512);
     // The rows' block scales with tokens in lanes; rows past n get 0.
     const bool two = n > 16;
     const __m512i offs0 = vnni::tile_offsets(std::min<std::size_t>(n, 16), rb);
@@ -473,19 +486,21 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
                        two ? vnni::gather_half(V + 16 * rb, offs1, F::scale_offset(dim) + 2 * b)
                            : _mm512_setzero_ps());
     }
+    [[maybe_unused]] __m512 mins[F::asymmetric ? 2 * amx::max_dim / 32 : 1];
+    if constexpr (F::asymmetric) vnni::tile_mins<F>(V, rb, n, dim, mins);
     for (std::size_t h0 = 0; h0 < g; h0 += 4) {
       amx::tile_values<F>(dim, sc + h0 * quant_tile, quant_tile, vs, corr + h0, o + h0 * stride,
                           stride, bbuf, abuf, cbuf);
       if constexpr (F::asymmetric)
         for (std::size_t h = h0; h < h0 + 4; ++h)
-          vnni::value_min_terms<F>(V, rb, n, dim, _mm512_loadu_ps(sc + h * quant_tile),
-                                   _mm512_loadu_ps(sc + h * quant_tile + 16), corr[h],
-                                   bias + h * nb * 16);
+          vnni::value_min_terms(mins, nb, _mm512_loadu_ps(sc + h * quant_tile),
+                                _mm512_loadu_ps(sc + h * quant_tile + 16), corr[h],
+                                bias + h * nb * 16);
     }
   }
 #else
   (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
-  (void)bias, (void)buf, (void)pf;
+  (void)bias, (void)buf;
 #endif
 }
 
@@ -540,7 +555,8 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   [[maybe_unused]] amx::query_tiles qtiles[decode_streams];
   [[maybe_unused]] std::byte* amx_q = nullptr;
   [[maybe_unused]] std::int8_t* amx_a = nullptr;
-  [[maybe_unused]] std::int32_t* amx_c = nullptr;
+  [[maybe_unused]] std::int32_t* amx_c = nullptr;  // scores' C tiles, at amx_buf
+  [[maybe_unused]] std::byte* amx_buf = nullptr;    // amx::scratch_bytes past the key rows
   constexpr bool integer_v = integer_values<P>();
   if constexpr (integer) {
     use_integer = vnni::supported_dim<F>(dim) && g <= 64 && dim <= 2048;
@@ -563,7 +579,10 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         a = (a + 63) & ~std::uintptr_t{63};
         amx_q = reinterpret_cast<std::byte*>(a);
         amx_a = reinterpret_cast<std::int8_t*>(amx_q + decode_streams * amx::query_bytes(g, dim));
-        amx_c = reinterpret_cast<std::int32_t*>(amx_a + 16 * dim);
+        amx_buf = reinterpret_cast<std::byte*>(amx_a + 32 * dim);
+        amx_c = reinterpret_cast<std::int32_t*>(amx_buf);
+        // P.V's weight tiles: bytes 32-63 of each row stay zero (amx.hpp).
+        std::memset(amx_buf + 4096, 0, dim / 64 * 1024);
         amx::configure();
       }
     }
@@ -629,9 +648,14 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         pf.finish();
       }
       if constexpr (integer) {
-        if (use_amx)
-          amx_tile_scores<F>(K, rb, n, g, dim, qtiles[i], amx_a, amx_c, sc, pf);
-        else if (use_integer)
+        if (use_amx) {
+          // Unpacked keys and value tiles first: their stores reach the
+          // cache while the other starts (see amx::unpack_keys).
+          [[maybe_unused]] amx::key_rows keys{};
+          if constexpr (amx::supported_format<F>()) keys = amx::unpack_keys<F>(K, rb, n, dim, amx_a);
+          amx_value_tiles<F>(V, rb, n, dim, amx_buf, pf);
+          amx_tile_scores<F>(K, rb, n, g, dim, qtiles[i], keys, amx_c, sc, pf);
+        } else if (use_integer)
           integer_tile_scores<F, HB>(K, rb, n, g, dim, qv + i * g, tile_T, col_of, col_start,
                                      tile_scales, tile_mins, sc);
         else
@@ -640,7 +664,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         if (use_amx) {
           amx_tile_values<F>(V, rb, n, g, dim, sc, corr, s.o, stride,
                              value_bias + i * g * (dim / F::group) * 16,
-                             reinterpret_cast<std::byte*>(amx_a + 16 * dim), pf);
+                             amx_buf);
           pf.finish();
         } else if constexpr (integer_v) {
           if (use_integer) {

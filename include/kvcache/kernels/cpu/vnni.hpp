@@ -312,22 +312,31 @@ KVCACHE_ALWAYS_INLINE void value_pairs(const std::uint8_t* a, const std::uint8_t
   }
 }
 
-//! An asymmetric format's running min terms for one head over a tile of
-//! n <= 32 rows: bias (nb, 16) = bias x corr + p0 x min (rows 0-15) + p1 x
-//! min (rows 16-31), per block, tokens in lanes.
+//! A tile's block mins with tokens in lanes, gathered once for all heads:
+//! out[2 b] rows 0-15, out[2 b + 1] rows 16-31 (0 past n), n <= 32.
 template <class F>
-KVCACHE_ALWAYS_INLINE void value_min_terms(const std::byte* V, std::size_t rb, std::size_t n,
-                                           std::size_t dim, __m512 p0, __m512 p1, float corr,
-                                           float* bias) noexcept {
+KVCACHE_ALWAYS_INLINE void tile_mins(const std::byte* V, std::size_t rb, std::size_t n,
+                                     std::size_t dim, __m512* out) noexcept {
   const bool two = n > 16;
   const __m512i offs0 = tile_offsets(std::min<std::size_t>(n, 16), rb);
   const __m512i offs1 = tile_offsets(two ? n - 16 : 1, rb);
   for (std::size_t b = 0; b < dim / F::group; ++b) {
+    out[2 * b] = gather_half(V, offs0, F::min_offset(dim) + 2 * b);
+    out[2 * b + 1] =
+        two ? gather_half(V + 16 * rb, offs1, F::min_offset(dim) + 2 * b) : _mm512_setzero_ps();
+  }
+}
+
+//! An asymmetric format's running min terms for one head: bias (nb, 16) =
+//! bias x corr + p0 x mins (rows 0-15) + p1 x mins (rows 16-31), per block,
+//! tokens in lanes; mins from tile_mins.
+KVCACHE_ALWAYS_INLINE void value_min_terms(const __m512* mins, std::size_t nb, __m512 p0,
+                                           __m512 p1, float corr, float* bias) noexcept {
+  for (std::size_t b = 0; b < nb; ++b) {
     float* acc = bias + b * 16;
     __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr));
-    a = _mm512_fmadd_ps(p0, gather_half(V, offs0, F::min_offset(dim) + 2 * b), a);
-    if (two)
-      a = _mm512_fmadd_ps(p1, gather_half(V + 16 * rb, offs1, F::min_offset(dim) + 2 * b), a);
+    a = _mm512_fmadd_ps(p0, mins[2 * b], a);
+    a = _mm512_fmadd_ps(p1, mins[2 * b + 1], a);
     _mm512_storeu_ps(acc, a);
   }
 }
@@ -349,6 +358,8 @@ KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::
   const std::byte* V1 = V + 16 * rb;
   float wscale[HB];
   __m512 sv0[64], sv1[64];  // nb <= 64
+  [[maybe_unused]] __m512 mins[F::asymmetric ? 128 : 1];
+  if constexpr (F::asymmetric) tile_mins<F>(V, rb, n, dim, mins);
   for (std::size_t b = 0; b < nb; ++b) {
     sv0[b] = gather_half(V, offs0, F::scale_offset(dim) + 2 * b);
     sv1[b] = two ? gather_half(V1, offs1, F::scale_offset(dim) + 2 * b) : _mm512_setzero_ps();
@@ -374,7 +385,7 @@ KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::
           reinterpret_cast<__m256i*>(w + 16),
           _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(p1, sv1[b]), inv))));
     }
-    if constexpr (F::asymmetric) value_min_terms<F>(V, rb, n, dim, p0, p1, corr[h], bias + h * nb * 16);
+    if constexpr (F::asymmetric) value_min_terms(mins, nb, p0, p1, corr[h], bias + h * nb * 16);
   }
   const auto* W32 = reinterpret_cast<const std::int32_t*>(W);
   const std::size_t pairs = (n + 1) / 2;
