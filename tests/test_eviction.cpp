@@ -204,16 +204,17 @@ rope_config llama_rope(std::size_t rd, bool interleaved = false, bool scaled = f
 //! and the window's edge) and decode steps over two sequences, checked at
 //! every step.
 template <class Cache>
-void check_stream(const rope_config& rope, std::size_t sinks, std::size_t window, int steps) {
+void check_stream(const rope_config& rope, std::size_t sinks, std::size_t window, int steps,
+                  std::size_t q_heads = 4, std::size_t head_dim = 64) {
   using P = typename Cache::precision;
   const auto seed = kvtest::test_seed();
   INFO("seed " << seed << " (set KVCACHE_TEST_SEED to reproduce)");
   INFO(Cache::eviction::name << " " << Cache::storage::name << " " << P::name << " rotary_dim "
                              << rope.rotary_dim);
   window_model<Cache> m({.layers = 2,
-                         .q_heads = 4,
+                         .q_heads = q_heads,
                          .kv_heads = 2,
-                         .head_dim = 64,
+                         .head_dim = head_dim,
                          .max_tokens = 4096,
                          .threads = 2,
                          .page_tokens = std::is_same_v<typename Cache::storage, paged<>> ? 8u : 0u,
@@ -258,6 +259,14 @@ TEST_CASE("quantized caches under sinks and windows, at every step", "[eviction]
   check_stream<cache<gqa<64>, contiguous, attention_sinks<>, int8_kv<>>>(llama_rope(64), 4, 24, 80);
   check_stream<cache<gqa<64>, paged<>, attention_sinks<>, int4_kv<>>>(llama_rope(64), 3, 21, 80);
   check_stream<cache<gqa<64>, paged<>, sliding_window<>, int8_kv<>>>(llama_rope(64), 0, 33, 60);
+  // Groups of 4 query heads: the tile-unit kernels where the CPU has AMX
+  // (partial tiles at ring pieces and pages, sinks' own queries).
+  check_stream<cache<gqa<>, contiguous, attention_sinks<>, int8_kv<>>>(llama_rope(64), 4, 24, 60,
+                                                                       8, 64);
+  check_stream<cache<gqa<>, paged<>, sliding_window<>, int4_kv<true>>>(llama_rope(64), 0, 40, 60,
+                                                                       8, 128);
+  check_stream<cache<gqa<>, paged<>, attention_sinks<>, int2_kv>>(llama_rope(64), 3, 37, 60, 8,
+                                                                  128);
 }
 
 TEST_CASE("per-channel keys under sinks and windows, at every step",

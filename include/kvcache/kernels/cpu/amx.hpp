@@ -91,6 +91,12 @@ struct prefetch_cursor {
   }
 };
 
+//! A tile's key rows as A tiles: signed levels, `stride` bytes apart.
+struct key_rows {
+  const std::int8_t* a = nullptr;
+  std::size_t stride = 0;
+};
+
 //! One item's query tiles in scratch (query_bytes).
 struct query_tiles {
   std::byte* base = nullptr;
@@ -267,10 +273,6 @@ KVCACHE_ALWAYS_INLINE void heads_by_token(const __m512* y, __m512* out) noexcept
 //! (32 x dim bytes). Unpacking is a separate step so that the kernel can do
 //! other work before the tile loads: a tile load of bytes that vector
 //! stores have just written waits for them to reach the cache (~80 cycles).
-struct key_rows {
-  const std::int8_t* a;
-  std::size_t stride;
-};
 template <class F>
 KVCACHE_ALWAYS_INLINE key_rows unpack_keys(const std::byte* K, std::size_t rb, std::size_t n,
                                            std::size_t dim, std::int8_t* abuf) noexcept {
@@ -497,6 +499,11 @@ inline std::atomic<bool>& allowed() noexcept {
 inline bool available() noexcept { return false; }
 inline void configure() noexcept {}
 inline void release() noexcept {}
+template <class F>
+key_rows unpack_keys(const std::byte*, std::size_t, std::size_t, std::size_t,
+                     std::int8_t*) noexcept {
+  return {};
+}
 
 #endif  // KVCACHE_HAS_AMX
 

@@ -638,8 +638,14 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // faster than the prefetchers ramp up on 8 streams, and the first
       // touch would otherwise be a gather of scales that stalls on DRAM.
       // (A prefetch past the page or the item is harmless: it never faults.)
-      amx::prefetch_cursor pf{reinterpret_cast<const char*>(K + tile * rb),
-                              reinterpret_cast<const char*>(V + tile * rb), (tile * rb + 63) / 64};
+      // Rows need not start on a line (136 bytes for int8): from the line
+      // holding the tile's first byte, one line more than its size, or the
+      // line holding its last byte would be left to a demand miss.
+      auto line_of = [](const std::byte* p) {
+        return reinterpret_cast<const char*>(p) - reinterpret_cast<std::uintptr_t>(p) % 64;
+      };
+      amx::prefetch_cursor pf{line_of(K + tile * rb), line_of(V + tile * rb),
+                              (tile * rb + 63) / 64 + 1};
       if (use_amx) {
         // Over the scores' 32 epilogue steps: the lines are requested while
         // this tile's arithmetic runs and have the value pass to arrive.
