@@ -28,6 +28,7 @@
 #include <cstring>
 
 #include "../../precision/block.hpp"
+#include "prefetch.hpp"
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && \
     defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__linux__) && !defined(KVCACHE_NO_AMX)
@@ -70,26 +71,6 @@ inline constexpr std::size_t query_bytes(std::size_t g, std::size_t dim) noexcep
 inline constexpr std::size_t scratch_bytes(std::size_t dim) noexcept {
   return 32 * dim + 4 * 1024 + (dim / 64) * 1024 + (dim / 64) * 2048 + 512 + (dim / 32) * 32 * 4;
 }
-
-//! The lines of a stream's next tile, prefetched a few at a time from inside
-//! the loops of this tile: issued at once they stall the core on its line
-//! fill buffers and leave memory idle while it computes; spread out, the
-//! reads overlap the arithmetic.
-struct prefetch_cursor {
-  const char* k = nullptr;
-  const char* v = nullptr;
-  std::size_t lines = 0;  // per operand
-  std::size_t next = 0;
-  std::size_t step = 0;
-  KVCACHE_ALWAYS_INLINE void issue() noexcept {
-    for (const std::size_t e = std::min(next + step, 2 * lines); next < e; ++next)
-      __builtin_prefetch((next < lines ? k : v) + 64 * (next < lines ? next : next - lines), 0, 1);
-  }
-  void finish() noexcept {
-    step = 2 * lines;
-    issue();
-  }
-};
 
 //! A tile's key rows as A tiles: signed levels, `stride` bytes apart.
 struct key_rows {
@@ -291,7 +272,7 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
                                        std::size_t g, std::size_t dim, const query_tiles& q,
                                        const std::int8_t* A, std::size_t astride,
                                        std::int32_t* cbuf, float* sc, std::size_t sc_stride,
-                                       prefetch_cursor& pf) noexcept {
+                                       detail::prefetch_cursor& pf) noexcept {
   constexpr std::size_t G = F::group;
   const std::size_t chunks = dim / 64, nb = dim / G;
   const __m512i lane_j = _mm512_and_si512(
@@ -392,7 +373,7 @@ KVCACHE_ALWAYS_INLINE __m512i row_chunk(const std::uint8_t* codes, std::size_t c
 template <class F>
 KVCACHE_ALWAYS_INLINE void value_tiles(const std::byte* V, std::size_t rb, std::size_t n,
                                        std::size_t dim, std::int8_t* bbuf,
-                                       prefetch_cursor& pf) noexcept {
+                                       detail::prefetch_cursor& pf) noexcept {
   for (std::size_t q = 0; q < 8; ++q) {
     pf.issue();
     const std::uint8_t* r[4];

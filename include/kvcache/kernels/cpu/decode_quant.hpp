@@ -29,6 +29,7 @@
 #include "../view.hpp"
 #include "decode_stream.hpp"
 #include "amx.hpp"
+#include "prefetch.hpp"
 #include "vnni.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -241,13 +242,14 @@ inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
 template <class P, std::size_t D, std::size_t HB>
 KVCACHE_ALWAYS_INLINE void quant_scores(const decode_stream& s, const std::byte* K, std::size_t rb,
                                         std::size_t n, std::size_t g, std::size_t dim_rt,
-                                        float* sc) noexcept {
+                                        float* sc, prefetch_cursor& pf) noexcept {
   using namespace simd;
   const std::size_t dim = D ? D : dim_rt, nc = dim / lanes;
   constexpr std::size_t TOK = lanes / HB;
   for (std::size_t hb = 0; hb < g; hb += HB) {
     const float* q = s.q + hb * dim;
     for (std::size_t j0 = 0; j0 < decode_tile; j0 += TOK) {
+      pf.issue();
       vf acc[lanes] = {};
       const std::byte* k[TOK];
       for (std::size_t t = 0; t < TOK; ++t) k[t] = K + std::min(j0 + t, n - 1) * rb;
@@ -362,12 +364,14 @@ KVCACHE_ALWAYS_INLINE void integer_half_scores(const std::byte* K, std::size_t r
                                                const vnni::query_view* q, void* T,
                                                const std::uint16_t* col_of,
                                                const std::uint32_t* col_start, float* scales,
-                                               float* mins, float* sc) noexcept {
+                                               float* mins, float* sc,
+                                               prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_VNNI
   const std::size_t nb = dim / F::group;
   vnni::unpack_tile<F>(K, rb, n, dim, static_cast<__m512i*>(T));
   const __m512i offs = vnni::tile_offsets(n, rb);
   for (std::size_t b = 0; b < nb; ++b) {
+    pf.issue();
     _mm512_storeu_ps(scales + b * 16, vnni::gather_half(K, offs, F::scale_offset(dim) + 2 * b));
     if constexpr (F::asymmetric)
       _mm512_storeu_ps(mins + b * 16, vnni::gather_half(K, offs, F::min_offset(dim) + 2 * b));
@@ -377,7 +381,7 @@ KVCACHE_ALWAYS_INLINE void integer_half_scores(const std::byte* K, std::size_t r
                              scales, mins, sc + hb * quant_tile, quant_tile);
 #else
   (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
-  (void)col_start, (void)scales, (void)mins, (void)sc;
+  (void)col_start, (void)scales, (void)mins, (void)sc, (void)pf;
 #endif
 }
 
@@ -388,7 +392,8 @@ KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t r
                                                const vnni::query_view* q, void* T,
                                                const std::uint16_t* col_of,
                                                const std::uint32_t* col_start, float* scales,
-                                               float* mins, float* sc) noexcept {
+                                               float* mins, float* sc,
+                                               prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_VNNI
   for (std::size_t half = 0; half * 16 < quant_tile; ++half) {
     if (half * 16 >= n) {  // an empty second half: no scores
@@ -397,11 +402,11 @@ KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t r
       continue;
     }
     integer_half_scores<F, HB>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g,
-                               dim, q, T, col_of, col_start, scales, mins, sc + half * 16);
+                               dim, q, T, col_of, col_start, scales, mins, sc + half * 16, pf);
   }
 #else
   (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
-  (void)col_start, (void)scales, (void)mins, (void)sc;
+  (void)col_start, (void)scales, (void)mins, (void)sc, (void)pf;
 #endif
 }
 
@@ -412,7 +417,7 @@ KVCACHE_ALWAYS_INLINE void amx_tile_scores(const std::byte* K, std::size_t rb, s
                                            std::size_t g, std::size_t dim,
                                            const amx::query_tiles& q, amx::key_rows keys,
                                            std::int32_t* cbuf, float* sc,
-                                           amx::prefetch_cursor& pf) noexcept {
+                                           prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_AMX
   if constexpr (amx::supported_format<F>())
     for (std::size_t half = 0; half * 16 < quant_tile; ++half) {
@@ -455,7 +460,7 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 template <class F>
 KVCACHE_ALWAYS_INLINE void amx_value_tiles(const std::byte* V, std::size_t rb, std::size_t n,
                                            std::size_t dim, std::byte* buf,
-                                           amx::prefetch_cursor& pf) noexcept {
+                                           prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_AMX
   if constexpr (amx::supported_format<F>())
     amx::value_tiles<F>(V, rb, n, dim,
@@ -644,14 +649,21 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       auto line_of = [](const std::byte* p) {
         return reinterpret_cast<const char*>(p) - reinterpret_cast<std::uintptr_t>(p) % 64;
       };
-      amx::prefetch_cursor pf{line_of(K + tile * rb), line_of(V + tile * rb),
+      prefetch_cursor pf{line_of(K + tile * rb), line_of(V + tile * rb),
                               (tile * rb + 63) / 64 + 1};
-      if (use_amx) {
-        // Over the scores' 32 epilogue steps: the lines are requested while
-        // this tile's arithmetic runs and have the value pass to arrive.
-        pf.step = (2 * pf.lines + 31) / 32;
-      } else {
-        pf.finish();
+      // Spread over the scores' steps (32 epilogue steps on the tile unit,
+      // 2 x blocks gathers on VNNI, 2 g query blocks on the float path): the
+      // lines are requested while this tile's arithmetic runs and have the
+      // value pass to arrive. The block-function path requests them at once.
+      {
+        std::size_t calls = 0;
+        if (use_amx)
+          calls = 32;
+        else if (use_integer)
+          calls = 2 * (dim / P::group);
+        else if constexpr (formatted_precision<P>)
+          calls = 2 * g;
+        pf.step = calls ? (2 * pf.lines + calls - 1) / calls : 2 * pf.lines;
       }
       if constexpr (integer) {
         if (use_amx) {
@@ -663,15 +675,14 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
           amx_tile_scores<F>(K, rb, n, g, dim, qtiles[i], keys, amx_c, sc, pf);
         } else if (use_integer)
           integer_tile_scores<F, HB>(K, rb, n, g, dim, qv + i * g, tile_T, col_of, col_start,
-                                     tile_scales, tile_mins, sc);
+                                     tile_scales, tile_mins, sc, pf);
         else
-          quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
+          quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc, pf);
         quant_softmax(s, g, sc, corr, tile);
         if (use_amx) {
           amx_tile_values<F>(V, rb, n, g, dim, sc, corr, s.o, stride,
                              value_bias + i * g * (dim / F::group) * 16,
                              amx_buf);
-          pf.finish();
         } else if constexpr (integer_v) {
           if (use_integer) {
             integer_tile_values<F, HB>(V, rb, n, g, dim, sc, corr, s.o, stride, value_w,
@@ -683,12 +694,14 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
           quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
         }
       } else if constexpr (formatted_precision<P>) {
-        quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc);
+        quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc, pf);
         quant_softmax(s, g, sc, corr, decode_tile);
         quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
       } else {
+        pf.finish();
         quant_tile_blocks<P>(s, K, V, rb, n, g, dim, sc, corr);
       }
+      pf.finish();  // whatever the steps left (a short tile)
       s.t += n;
       active = active || s.t < it.end;
     }
