@@ -209,7 +209,9 @@ void stream(const options& o, const inputs& in) {
              mib(peak), mib(paged_kv_bytes<fp16>(shape, 1, 16 + W + 16, 16)));
 }
 
-bool parse(int argc, char** argv, options& o) {
+//! Reads the options into o. Returns -1 to run the demo, else the status to
+//! exit with after printing the usage: 0 for --help, 2 for anything unknown.
+int parse(int argc, char** argv, options& o) {
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string {
@@ -232,7 +234,7 @@ bool parse(int argc, char** argv, options& o) {
       fmt::print(
           "usage: demo [--model llama-2-7b|llama-3-8b|mistral-7b|all] [--context N]\n"
           "            [--tokens N] [--threads N] [--stream N] [--quick]\n");
-      return a == "--help" || a == "-h";
+      return a == "--help" || a == "-h" ? 0 : 2;
     }
   }
   if (o.quick) {
@@ -241,14 +243,14 @@ bool parse(int argc, char** argv, options& o) {
     o.stream = std::min<std::size_t>(o.stream, 3000);
     if (o.model == "all") o.model = "llama-3-8b";
   }
-  return true;
+  return -1;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) try {
   options o;
-  if (!parse(argc, argv, o)) return 2;
+  if (const int status = parse(argc, argv, o); status >= 0) return status;
   if (o.context == 0 || o.tokens == 0)
     throw kvcache::error("--context and --tokens must be at least 1");
   if (o.threads == 0) o.threads = std::max(1u, std::thread::hardware_concurrency());
