@@ -261,10 +261,10 @@ TEST_CASE("quantized caches under sinks and windows, at every step", "[eviction]
   check_stream<cache<gqa<64>, paged<>, sliding_window<>, int8_kv<>>>(llama_rope(64), 0, 33, 60);
   // Groups of 4 query heads: the tile-unit kernels where the CPU has AMX
   // (partial tiles at ring pieces and pages, sinks' own queries).
-  check_stream<cache<gqa<>, contiguous, attention_sinks<>, int8_kv<>>>(llama_rope(64), 4, 24, 60,
-                                                                       8, 64);
-  check_stream<cache<gqa<>, paged<>, sliding_window<>, int4_kv<true>>>(llama_rope(64), 0, 40, 60,
-                                                                       8, 128);
+  check_stream<cache<gqa<>, contiguous, attention_sinks<>, int8_kv<>>>(llama_rope(64), 4, 24, 60, 8,
+                                                                       64);
+  check_stream<cache<gqa<>, paged<>, sliding_window<>, int4_kv<true>>>(llama_rope(64), 0, 40, 60, 8,
+                                                                       128);
   check_stream<cache<gqa<>, paged<>, attention_sinks<>, int2_kv>>(llama_rope(64), 3, 37, 60, 8,
                                                                   128);
 }

@@ -21,6 +21,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstddef>
@@ -31,7 +32,8 @@
 #include "prefetch.hpp"
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && \
-    defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__linux__) && !defined(KVCACHE_NO_AMX)
+    defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__linux__) &&   \
+    !defined(KVCACHE_NO_AMX)
 #define KVCACHE_HAS_AMX 1
 #include <cpuid.h>
 #include <immintrin.h>
@@ -57,8 +59,7 @@ constexpr bool supported_format() noexcept {
 inline constexpr std::size_t max_dim = 256, max_group = 16;
 template <class F>
 constexpr bool supported_shape(std::size_t dim, std::size_t g) noexcept {
-  return dim % (F::bits == 8 ? 64 : 128) == 0 && dim <= max_dim && g % 4 == 0 &&
-         g <= max_group;
+  return dim % (F::bits == 8 ? 64 : 128) == 0 && dim <= max_dim && g % 4 == 0 && g <= max_group;
 }
 
 //! Bytes of one item's prepared query: per group of 4 heads and chunk, a
@@ -66,11 +67,25 @@ constexpr bool supported_shape(std::size_t dim, std::size_t g) noexcept {
 inline constexpr std::size_t query_bytes(std::size_t g, std::size_t dim) noexcept {
   return (g / 4) * (dim / 64) * (1024 + 128);
 }
-//! Bytes of the per-task scratch: unpacked key rows, stored C tiles, then
-//! P.V's weight tiles, value tiles and block scales.
-inline constexpr std::size_t scratch_bytes(std::size_t dim) noexcept {
-  return 32 * dim + 4 * 1024 + (dim / 64) * 1024 + (dim / 64) * 2048 + 512 + (dim / 32) * 32 * 4;
-}
+//! The per-task scratch of the tile kernels, in one place: unpacked key rows
+//! (32 x dim), C tiles (4 KiB), P.V's weight tiles (dim / 64 KiB; bytes
+//! 32-63 of every row zero, see tile_values) and value tiles (dim / 64 x
+//! 2 KiB, and 512 readable bytes after them).
+struct tile_scratch {
+  std::byte* base = nullptr;
+  std::size_t dim = 0;
+  static constexpr std::size_t bytes(std::size_t dim) noexcept {
+    return 32 * dim + 4096 + dim / 64 * 1024 + dim / 64 * 2048 + 512;
+  }
+  std::int8_t* keys() const noexcept { return reinterpret_cast<std::int8_t*>(base); }
+  std::int32_t* c() const noexcept { return reinterpret_cast<std::int32_t*>(base + 32 * dim); }
+  std::int8_t* weights() const noexcept {
+    return reinterpret_cast<std::int8_t*>(base + 32 * dim + 4096);
+  }
+  std::int8_t* values() const noexcept { return weights() + dim / 64 * 1024; }
+  //! Zeroes the weight tiles' padding once per task.
+  void clear_weights() const noexcept { std::memset(weights(), 0, dim / 64 * 1024); }
+};
 
 //! A tile's key rows as A tiles: signed levels, `stride` bytes apart.
 struct key_rows {
@@ -93,7 +108,8 @@ struct query_tiles {
 
 //! Quantizes g query heads (g x dim floats) into tiles at `base`.
 template <class F>
-query_tiles prepare_query(const float* q, std::size_t g, std::size_t dim, std::byte* base) noexcept {
+query_tiles prepare_query(const float* q, std::size_t g, std::size_t dim,
+                          std::byte* base) noexcept {
   constexpr std::size_t G = F::group;
   const std::size_t chunks = dim / 64;
   query_tiles t{base, chunks};
@@ -177,41 +193,49 @@ inline void configure() noexcept {
 }
 inline void release() noexcept { _tile_release(); }
 
-//! Row r of a tile of n rows as signed levels, natural element order, in
-//! `out` (dim bytes). int8 codes are levels already.
+//! Chunks [c, c + per) of a row as signed levels in natural element order,
+//! 64 elements each: one chunk of int8 codes (levels already), two of the
+//! packed formats, whose unpacking works on 128 elements (c even).
+template <class F>
+inline constexpr std::size_t chunks_per_unpack = F::bits == 8 ? 1 : 2;
+template <class F>
+KVCACHE_ALWAYS_INLINE void row_levels(const std::uint8_t* codes, std::size_t c,
+                                      __m512i* out) noexcept {
+  if constexpr (F::bits == 8) {
+    out[0] = _mm512_loadu_si512(codes + 64 * c);
+  } else if constexpr (F::bits == 4) {
+    // 16 bytes per block of 32: low nibbles are its elements 0-15, high 16-31.
+    const __m512i x = _mm512_loadu_si512(codes + 32 * c);
+    const __m512i m = _mm512_set1_epi8(0x0f);
+    __m512i lo = _mm512_and_si512(x, m), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
+    if constexpr (F::kind == block_kind::int4_sym) {
+      lo = _mm512_sub_epi8(lo, _mm512_set1_epi8(8));
+      hi = _mm512_sub_epi8(hi, _mm512_set1_epi8(8));
+    }
+    out[0] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi);
+    out[1] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi);
+  } else {
+    // 8 bytes per block of 32: byte j holds elements j, j + 8, j + 16, j + 24.
+    const __m512i x = _mm512_castsi256_si512(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 16 * c)));
+    const __m512i m = _mm512_set1_epi8(0x03);
+    const __m512i shifts = _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6);
+    const __m512i b01 = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), x);
+    const __m512i b23 = _mm512_permutexvar_epi64(_mm512_setr_epi64(2, 2, 2, 2, 3, 3, 3, 3), x);
+    out[0] = _mm512_and_si512(_mm512_srlv_epi64(b01, shifts), m);
+    out[1] = _mm512_and_si512(_mm512_srlv_epi64(b23, shifts), m);
+  }
+}
+
+//! A row as signed levels, natural element order, in `out` (dim bytes).
 template <class F>
 KVCACHE_ALWAYS_INLINE void unpack_row(const std::uint8_t* codes, std::size_t dim,
                                       std::int8_t* out) noexcept {
-  if constexpr (F::bits == 8) {
-    for (std::size_t e = 0; e < dim; e += 64)
-      _mm512_storeu_si512(out + e, _mm512_loadu_si512(codes + e));
-  } else if constexpr (F::bits == 4) {
-    // 16 bytes per block of 32: low nibbles are its elements 0-15, high 16-31.
-    const __m512i m = _mm512_set1_epi8(0x0f);
-    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-    const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-    for (std::size_t e = 0; e < dim; e += 128) {
-      const __m512i x = _mm512_loadu_si512(codes + e / 2);
-      __m512i lo = _mm512_and_si512(x, m), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
-      if constexpr (F::kind == block_kind::int4_sym) {
-        lo = _mm512_sub_epi8(lo, _mm512_set1_epi8(8));
-        hi = _mm512_sub_epi8(hi, _mm512_set1_epi8(8));
-      }
-      _mm512_storeu_si512(out + e, _mm512_permutex2var_epi64(lo, first, hi));
-      _mm512_storeu_si512(out + e + 64, _mm512_permutex2var_epi64(lo, second, hi));
-    }
-  } else {
-    // 8 bytes per block of 32: byte j holds elements j, j + 8, j + 16, j + 24.
-    const __m512i m = _mm512_set1_epi8(0x03);
-    const __m512i shifts = _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6);
-    for (std::size_t e = 0; e < dim; e += 128) {
-      const __m512i x = _mm512_castsi256_si512(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + e / 4)));
-      const __m512i b01 = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), x);
-      const __m512i b23 = _mm512_permutexvar_epi64(_mm512_setr_epi64(2, 2, 2, 2, 3, 3, 3, 3), x);
-      _mm512_storeu_si512(out + e, _mm512_and_si512(_mm512_srlv_epi64(b01, shifts), m));
-      _mm512_storeu_si512(out + e + 64, _mm512_and_si512(_mm512_srlv_epi64(b23, shifts), m));
-    }
+  constexpr std::size_t per = chunks_per_unpack<F>;
+  for (std::size_t c = 0; c < dim / 64; c += per) {
+    __m512i x[per];
+    row_levels<F>(codes, c, x);
+    for (std::size_t k = 0; k < per; ++k) _mm512_storeu_si512(out + 64 * (c + k), x[k]);
   }
 }
 
@@ -237,13 +261,19 @@ KVCACHE_ALWAYS_INLINE void heads_by_token(const __m512* y, __m512* out) noexcept
                          _mm512_shuffle_ps(u[2 * n], u[2 * n + 1], 0xdd));
   // v[n] lane 4 q + r holds token 4 n + i of head h with
   // q = 2 (i & 1) + (h >> 1), r = 2 (i >> 1) + (h & 1).
+  // Lane k of head h's index: token k's lane, from v[0]/v[2] (k % 8 < 4) or
+  // v[1]/v[3] (16 + lane), for permutex2var.
+  alignas(64) static constexpr auto index = [] {
+    std::array<std::array<std::int32_t, 16>, 4> t{};
+    for (int h = 0; h < 4; ++h)
+      for (int k = 0; k < 16; ++k) {
+        const int i = k % 4, lane = 4 * (2 * (i & 1) + (h >> 1)) + 2 * (i >> 1) + (h & 1);
+        t[h][k] = (k % 8 < 4 ? 0 : 16) + lane;
+      }
+    return t;
+  }();
   for (int h = 0; h < 4; ++h) {
-    alignas(64) std::int32_t idx[16];
-    for (int k = 0; k < 16; ++k) {
-      const int i = k % 4, lane = 4 * (2 * (i & 1) + (h >> 1)) + 2 * (i >> 1) + (h & 1);
-      idx[k] = (k % 8 < 4 ? 0 : 16) + lane;
-    }
-    const __m512i ix = _mm512_load_si512(idx);
+    const __m512i ix = _mm512_load_si512(index[h].data());
     out[h] = _mm512_mask_blend_ps(0xff00, _mm512_permutex2var_ps(v[0], ix, v[1]),
                                   _mm512_permutex2var_ps(v[2], ix, v[3]));
   }
@@ -275,9 +305,21 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
                                        detail::prefetch_cursor& pf) noexcept {
   constexpr std::size_t G = F::group;
   const std::size_t chunks = dim / 64, nb = dim / G;
-  const __m512i lane_j = _mm512_and_si512(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(1));
+  // Block of lane l's segment in chunk c: (64 c + 32 j) / G, j = l & 1.
+  const __m512i lane_j =
+      _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                       _mm512_set1_epi32(1));
+  __m512i blk[max_dim / 64];
+  for (std::size_t c = 0; c < chunks; ++c)
+    blk[c] = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(64 * c)), _mm512_slli_epi32(lane_j, 5)),
+        __builtin_ctz(static_cast<unsigned>(G)));
   for (std::size_t grp = 0; grp < g / 4; ++grp) {
+    __m512 qf[max_dim / 64], qm[max_dim / 64];
+    for (std::size_t c = 0; c < chunks; ++c) {
+      qf[c] = _mm512_loadu_ps(q.qf(grp, c));
+      qm[c] = _mm512_loadu_ps(q.qm(grp, c));
+    }
     for (std::size_t c = 0; c < chunks; c += 2) {
       _tile_loadd(0, A + 64 * c, static_cast<long>(astride));
       _tile_loadd(2, q.b(grp, c), 64);
@@ -301,16 +343,11 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
       if constexpr (F::asymmetric) km = row_halves(row, F::min_offset(dim), nb);
       __m512 acc = _mm512_setzero_ps();
       for (std::size_t c = 0; c < chunks; ++c) {
-        // Block of lane l's segment: (64 c + 32 j) / G.
-        const __m512i blk = _mm512_srli_epi32(
-            _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(64 * c)),
-                             _mm512_slli_epi32(lane_j, 5)),
-            __builtin_ctz(static_cast<unsigned>(G)));
-        const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(blk, ks), _mm512_loadu_ps(q.qf(grp, c)));
+        const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(blk[c], ks), qf[c]);
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(cbuf + 256 * c + 16 * t)), s,
                               acc);
         if constexpr (F::asymmetric)
-          acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(blk, km), _mm512_loadu_ps(q.qm(grp, c)), acc);
+          acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(blk[c], km), qm[c], acc);
       }
       y[t] = acc;
     }
@@ -342,32 +379,6 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
 // (unpermute_output). Asymmetric formats' mins are summed by the caller
 // (vnni.hpp's running min terms).
 
-//! Elements [64 c, 64 c + 64) of a row as signed levels in natural order.
-template <class F>
-KVCACHE_ALWAYS_INLINE __m512i row_chunk(const std::uint8_t* codes, std::size_t c) noexcept {
-  if constexpr (F::bits == 8) {
-    return _mm512_loadu_si512(codes + 64 * c);
-  } else if constexpr (F::bits == 4) {
-    const __m512i x = _mm512_loadu_si512(codes + 64 * (c / 2));
-    const __m512i m = _mm512_set1_epi8(0x0f);
-    __m512i lo = _mm512_and_si512(x, m), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
-    if constexpr (F::kind == block_kind::int4_sym) {
-      lo = _mm512_sub_epi8(lo, _mm512_set1_epi8(8));
-      hi = _mm512_sub_epi8(hi, _mm512_set1_epi8(8));
-    }
-    return c % 2 == 0 ? _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi)
-                      : _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi);
-  } else {
-    const __m512i x = _mm512_castsi256_si512(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * (c / 2))));
-    const __m512i idx = c % 2 == 0 ? _mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1)
-                                   : _mm512_setr_epi64(2, 2, 2, 2, 3, 3, 3, 3);
-    return _mm512_and_si512(
-        _mm512_srlv_epi64(_mm512_permutexvar_epi64(idx, x), _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)),
-        _mm512_set1_epi8(0x03));
-  }
-}
-
 //! Value tiles of up to 32 rows (n valid; rows past n repeat row n - 1, their
 //! weights are 0) into bbuf: (dim / 64 chunks, 4 tiles, 8 rows, 64 bytes).
 template <class F>
@@ -379,16 +390,21 @@ KVCACHE_ALWAYS_INLINE void value_tiles(const std::byte* V, std::size_t rb, std::
     const std::uint8_t* r[4];
     for (std::size_t i = 0; i < 4; ++i)
       r[i] = reinterpret_cast<const std::uint8_t*>(V + std::min(4 * q + i, n - 1) * rb);
-    for (std::size_t c = 0; c < dim / 64; ++c) {
-      const __m512i x0 = row_chunk<F>(r[0], c), x1 = row_chunk<F>(r[1], c);
-      const __m512i x2 = row_chunk<F>(r[2], c), x3 = row_chunk<F>(r[3], c);
-      const __m512i a0 = _mm512_unpacklo_epi8(x0, x1), a1 = _mm512_unpackhi_epi8(x0, x1);
-      const __m512i b0 = _mm512_unpacklo_epi8(x2, x3), b1 = _mm512_unpackhi_epi8(x2, x3);
-      std::int8_t* out = bbuf + c * 2048 + q * 64;
-      _mm512_storeu_si512(out, _mm512_unpacklo_epi16(a0, b0));
-      _mm512_storeu_si512(out + 512, _mm512_unpackhi_epi16(a0, b0));
-      _mm512_storeu_si512(out + 1024, _mm512_unpacklo_epi16(a1, b1));
-      _mm512_storeu_si512(out + 1536, _mm512_unpackhi_epi16(a1, b1));
+    constexpr std::size_t per = chunks_per_unpack<F>;
+    for (std::size_t c0 = 0; c0 < dim / 64; c0 += per) {
+      __m512i x[4][per];
+      for (std::size_t i = 0; i < 4; ++i) row_levels<F>(r[i], c0, x[i]);
+      for (std::size_t k = 0; k < per; ++k) {
+        const __m512i a0 = _mm512_unpacklo_epi8(x[0][k], x[1][k]);
+        const __m512i a1 = _mm512_unpackhi_epi8(x[0][k], x[1][k]);
+        const __m512i b0 = _mm512_unpacklo_epi8(x[2][k], x[3][k]);
+        const __m512i b1 = _mm512_unpackhi_epi8(x[2][k], x[3][k]);
+        std::int8_t* out = bbuf + (c0 + k) * 2048 + q * 64;
+        _mm512_storeu_si512(out, _mm512_unpacklo_epi16(a0, b0));
+        _mm512_storeu_si512(out + 512, _mm512_unpackhi_epi16(a0, b0));
+        _mm512_storeu_si512(out + 1024, _mm512_unpacklo_epi16(a1, b1));
+        _mm512_storeu_si512(out + 1536, _mm512_unpackhi_epi16(a1, b1));
+      }
     }
   }
 }
@@ -400,9 +416,9 @@ KVCACHE_ALWAYS_INLINE void store_bytes(std::int8_t* out, __m512i x) noexcept {
 
 //! o (4 heads, ostride apart, in unpermute_output's order) = o x corr + p V
 //! over a tile of n <= 32 rows, for 4 heads: p (4, pstride) weights (0 past
-//! n), vs (nb, 32) the rows' block scales, bbuf from value_tiles (and 512
-//! readable bytes after it). abuf: (dim / 64) KiB, bytes 32-63 of every
-//! 64-byte row zero; cbuf: 4 KiB.
+//! n), vs (nb, 32) the rows' block scales (vnni::tile_block_field), bbuf
+//! from value_tiles (and 512 readable bytes after it). abuf: (dim / 64) KiB,
+//! bytes 32-63 of every 64-byte row zero; cbuf: 4 KiB (tile_scratch).
 template <class F>
 KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, const float* p, std::size_t pstride,
                                        const float* vs, const float* corr, float* o,
@@ -461,8 +477,8 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, const float* p, std::siz
         const std::int32_t* C = cbuf + 256 * j;
         const __m512i hi = _mm512_mask_loadu_epi32(_mm512_loadu_si512(C + 16 * (2 * h)), 0xff00,
                                                    C + 16 * (8 + 2 * h));
-        const __m512i lo = _mm512_mask_loadu_epi32(_mm512_loadu_si512(C + 16 * (2 * h + 1)),
-                                                   0xff00, C + 16 * (8 + 2 * h + 1));
+        const __m512i lo = _mm512_mask_loadu_epi32(_mm512_loadu_si512(C + 16 * (2 * h + 1)), 0xff00,
+                                                   C + 16 * (8 + 2 * h + 1));
         const __m512 x = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi, 8), lo));
         float* dst = o + h * ostride + 64 * c + 16 * j;
         _mm512_storeu_ps(dst, _mm512_fmadd_ps(x, ws, _mm512_mul_ps(_mm512_loadu_ps(dst), cr)));

@@ -27,8 +27,8 @@
 #include "../../precision/block.hpp"
 #include "../plan.hpp"
 #include "../view.hpp"
-#include "decode_stream.hpp"
 #include "amx.hpp"
+#include "decode_stream.hpp"
 #include "prefetch.hpp"
 #include "vnni.hpp"
 
@@ -233,7 +233,8 @@ inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t integer = decode_streams * g * vnni::query_view::words(dim, 32) + dim / 4 * 16 +
                               2 * nb * 16 + 32 + decode_streams * g * nb * 16 + g * nb * 16 + 16;
   const std::size_t tiles =
-      (decode_streams * amx::query_bytes(g, dim) + amx::scratch_bytes(dim) + 64) / sizeof(float);
+      (decode_streams * amx::query_bytes(g, dim) + amx::tile_scratch::bytes(dim) + 64) /
+      sizeof(float);
   return decode_streams * (2 * g + g * dim) + g * quant_tile + 64 + integer + tiles;
 }
 
@@ -241,8 +242,8 @@ inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
 //! vectorised readers, HB heads at a time.
 template <class P, std::size_t D, std::size_t HB>
 KVCACHE_ALWAYS_INLINE void quant_scores(const decode_stream& s, const std::byte* K, std::size_t rb,
-                                        std::size_t n, std::size_t g, std::size_t dim_rt,
-                                        float* sc, prefetch_cursor& pf) noexcept {
+                                        std::size_t n, std::size_t g, std::size_t dim_rt, float* sc,
+                                        prefetch_cursor& pf) noexcept {
   using namespace simd;
   const std::size_t dim = D ? D : dim_rt, nc = dim / lanes;
   constexpr std::size_t TOK = lanes / HB;
@@ -359,13 +360,10 @@ void quant_tile_blocks(decode_stream& s, const std::byte* K, const std::byte* V,
 
 //! Scores of 16 rows (n valid) for all g heads into sc (g, quant_tile).
 template <class F, std::size_t HB>
-KVCACHE_ALWAYS_INLINE void integer_half_scores(const std::byte* K, std::size_t rb, std::size_t n,
-                                               std::size_t g, std::size_t dim,
-                                               const vnni::query_view* q, void* T,
-                                               const std::uint16_t* col_of,
-                                               const std::uint32_t* col_start, float* scales,
-                                               float* mins, float* sc,
-                                               prefetch_cursor& pf) noexcept {
+KVCACHE_ALWAYS_INLINE void integer_half_scores(
+    const std::byte* K, std::size_t rb, std::size_t n, std::size_t g, std::size_t dim,
+    const vnni::query_view* q, void* T, const std::uint16_t* col_of, const std::uint32_t* col_start,
+    float* scales, float* mins, float* sc, prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_VNNI
   const std::size_t nb = dim / F::group;
   vnni::unpack_tile<F>(K, rb, n, dim, static_cast<__m512i*>(T));
@@ -385,25 +383,32 @@ KVCACHE_ALWAYS_INLINE void integer_half_scores(const std::byte* K, std::size_t r
 #endif
 }
 
-//! Scores of one tile for all g heads by integer dot products (vnni.hpp).
-template <class F, std::size_t HB>
-KVCACHE_ALWAYS_INLINE void integer_tile_scores(const std::byte* K, std::size_t rb, std::size_t n,
-                                               std::size_t g, std::size_t dim,
-                                               const vnni::query_view* q, void* T,
-                                               const std::uint16_t* col_of,
-                                               const std::uint32_t* col_start, float* scales,
-                                               float* mins, float* sc,
-                                               prefetch_cursor& pf) noexcept {
-#if KVCACHE_HAS_VNNI
-  for (std::size_t half = 0; half * 16 < quant_tile; ++half) {
-    if (half * 16 >= n) {  // an empty second half: no scores
+//! Runs half(h) for each 16-token half of a tile of n rows that has any;
+//! an empty second half gets -inf scores (sc: g rows of quant_tile).
+template <class Half>
+KVCACHE_ALWAYS_INLINE void for_tile_halves(std::size_t n, std::size_t g, float* sc,
+                                           Half&& half) noexcept {
+  for (std::size_t hf = 0; hf * 16 < quant_tile; ++hf) {
+    if (hf * 16 >= n) {
       for (std::size_t h = 0; h < g; ++h)
-        for (std::size_t t = 0; t < 16; ++t) sc[h * quant_tile + half * 16 + t] = -INFINITY;
+        for (std::size_t t = 0; t < 16; ++t) sc[h * quant_tile + hf * 16 + t] = -INFINITY;
       continue;
     }
+    half(hf);
+  }
+}
+
+//! Scores of one tile for all g heads by integer dot products (vnni.hpp).
+template <class F, std::size_t HB>
+KVCACHE_ALWAYS_INLINE void integer_tile_scores(
+    const std::byte* K, std::size_t rb, std::size_t n, std::size_t g, std::size_t dim,
+    const vnni::query_view* q, void* T, const std::uint16_t* col_of, const std::uint32_t* col_start,
+    float* scales, float* mins, float* sc, prefetch_cursor& pf) noexcept {
+#if KVCACHE_HAS_VNNI
+  for_tile_halves(n, g, sc, [&](std::size_t half) {
     integer_half_scores<F, HB>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g,
                                dim, q, T, col_of, col_start, scales, mins, sc + half * 16, pf);
-  }
+  });
 #else
   (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
   (void)col_start, (void)scales, (void)mins, (void)sc, (void)pf;
@@ -420,16 +425,11 @@ KVCACHE_ALWAYS_INLINE void amx_tile_scores(const std::byte* K, std::size_t rb, s
                                            prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_AMX
   if constexpr (amx::supported_format<F>())
-    for (std::size_t half = 0; half * 16 < quant_tile; ++half) {
-      if (half * 16 >= n) {  // an empty second half: no scores
-        for (std::size_t h = 0; h < g; ++h)
-          for (std::size_t t = 0; t < 16; ++t) sc[h * quant_tile + half * 16 + t] = -INFINITY;
-        continue;
-      }
-      amx::half_scores<F>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g,
-                          dim, q, keys.a + half * 16 * keys.stride, keys.stride, cbuf,
-                          sc + half * 16, quant_tile, pf);
-    }
+    for_tile_halves(n, g, sc, [&](std::size_t half) {
+      amx::half_scores<F>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g, dim,
+                          q, keys.a + half * 16 * keys.stride, keys.stride, cbuf, sc + half * 16,
+                          quant_tile, pf);
+    });
 #else
   (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)keys, (void)cbuf, (void)sc;
   (void)pf;
@@ -453,49 +453,37 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 #endif
 }
 
-//! o = o x corr + p V for one tile and all g heads on the AMX tile unit
-//! (amx.hpp); o stays in amx::unpermute_output's order until the item ends.
-//! buf: amx::scratch_bytes past the scores' A rows, its value tiles made by
-//! amx_value_tiles.
+//! The value tiles of one tile (amx::value_tiles), built before the scores so
+//! that their stores reach the cache before the tile loads (amx.hpp).
 template <class F>
 KVCACHE_ALWAYS_INLINE void amx_value_tiles(const std::byte* V, std::size_t rb, std::size_t n,
-                                           std::size_t dim, std::byte* buf,
+                                           std::size_t dim, const amx::tile_scratch& ts,
                                            prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_AMX
-  if constexpr (amx::supported_format<F>())
-    amx::value_tiles<F>(V, rb, n, dim,
-                        reinterpret_cast<std::int8_t*>(buf + 4096) + dim / 64 * 1024, pf);
+  if constexpr (amx::supported_format<F>()) amx::value_tiles<F>(V, rb, n, dim, ts.values(), pf);
 #else
-  (void)V, (void)rb, (void)n, (void)dim, (void)buf, (void)pf;
+  (void)V, (void)rb, (void)n, (void)dim, (void)ts, (void)pf;
 #endif
 }
+
+//! o = o x corr + p V for one tile and all g heads on the AMX tile unit
+//! (amx.hpp), from the value tiles amx_value_tiles made; o stays in
+//! amx::unpermute_output's order until the item ends.
 template <class F>
 KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, std::size_t n,
                                            std::size_t g, std::size_t dim, const float* sc,
                                            const float* corr, float* o, std::size_t stride,
-                                           float* bias, std::byte* buf) noexcept {
+                                           float* bias, const amx::tile_scratch& ts) noexcept {
 #if KVCACHE_HAS_AMX
   if constexpr (amx::supported_format<F>()) {
-    const std::size_t nb = dim / F::group, chunks = dim / 64;
-    auto* cbuf = reinterpret_cast<std::int32_t*>(buf);
-    auto* abuf = reinterpret_cast<std::int8_t*>(buf + 4096);
-    auto* bbuf = abuf + chunks * 1024;
-    auto* vs = reinterpret_cast<float*>(bbuf + chunks * 2048 + 512);
-    // The rows' block scales with tokens in lanes; rows past n get 0.
-    const bool two = n > 16;
-    const __m512i offs0 = vnni::tile_offsets(std::min<std::size_t>(n, 16), rb);
-    const __m512i offs1 = vnni::tile_offsets(two ? n - 16 : 1, rb);
-    for (std::size_t b = 0; b < nb; ++b) {
-      _mm512_storeu_ps(vs + 32 * b, vnni::gather_half(V, offs0, F::scale_offset(dim) + 2 * b));
-      _mm512_storeu_ps(vs + 32 * b + 16,
-                       two ? vnni::gather_half(V + 16 * rb, offs1, F::scale_offset(dim) + 2 * b)
-                           : _mm512_setzero_ps());
-    }
+    const std::size_t nb = dim / F::group;
+    __m512 vs[2 * amx::max_dim / 32];  // block scales, tokens in lanes, (nb, 32)
+    vnni::tile_block_field<F>(V, rb, n, dim, F::scale_offset(dim), vs);
     [[maybe_unused]] __m512 mins[F::asymmetric ? 2 * amx::max_dim / 32 : 1];
-    if constexpr (F::asymmetric) vnni::tile_mins<F>(V, rb, n, dim, mins);
+    if constexpr (F::asymmetric) vnni::tile_block_field<F>(V, rb, n, dim, F::min_offset(dim), mins);
     for (std::size_t h0 = 0; h0 < g; h0 += 4) {
-      amx::tile_values<F>(dim, sc + h0 * quant_tile, quant_tile, vs, corr + h0, o + h0 * stride,
-                          stride, bbuf, abuf, cbuf);
+      amx::tile_values<F>(dim, sc + h0 * quant_tile, quant_tile, reinterpret_cast<const float*>(vs),
+                          corr + h0, o + h0 * stride, stride, ts.values(), ts.weights(), ts.c());
       if constexpr (F::asymmetric)
         for (std::size_t h = h0; h < h0 + 4; ++h)
           vnni::value_min_terms(mins, nb, _mm512_loadu_ps(sc + h * quant_tile),
@@ -505,7 +493,7 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
   }
 #else
   (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
-  (void)bias, (void)buf;
+  (void)bias, (void)ts;
 #endif
 }
 
@@ -558,10 +546,8 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   // Scores on the AMX tile unit (amx.hpp) where the build and the OS allow.
   [[maybe_unused]] bool use_amx = false;
   [[maybe_unused]] amx::query_tiles qtiles[decode_streams];
-  [[maybe_unused]] std::byte* amx_q = nullptr;
-  [[maybe_unused]] std::int8_t* amx_a = nullptr;
-  [[maybe_unused]] std::int32_t* amx_c = nullptr;  // scores' C tiles, at amx_buf
-  [[maybe_unused]] std::byte* amx_buf = nullptr;    // amx::scratch_bytes past the key rows
+  [[maybe_unused]] std::byte* amx_q = nullptr;  // (streams) x amx::query_bytes
+  [[maybe_unused]] amx::tile_scratch ts;
   constexpr bool integer_v = integer_values<P>();
   if constexpr (integer) {
     use_integer = vnni::supported_dim<F>(dim) && g <= 64 && dim <= 2048;
@@ -583,11 +569,8 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         auto a = reinterpret_cast<std::uintptr_t>(value_w + g * nb * 32);
         a = (a + 63) & ~std::uintptr_t{63};
         amx_q = reinterpret_cast<std::byte*>(a);
-        amx_a = reinterpret_cast<std::int8_t*>(amx_q + decode_streams * amx::query_bytes(g, dim));
-        amx_buf = reinterpret_cast<std::byte*>(amx_a + 32 * dim);
-        amx_c = reinterpret_cast<std::int32_t*>(amx_buf);
-        // P.V's weight tiles: bytes 32-63 of each row stay zero (amx.hpp).
-        std::memset(amx_buf + 4096, 0, dim / 64 * 1024);
+        ts = {amx_q + decode_streams * amx::query_bytes(g, dim), dim};
+        ts.clear_weights();
         amx::configure();
       }
     }
@@ -611,8 +594,8 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
           qtiles[i] = qtiles[i - 1];
         } else if (use_amx) {
           if constexpr (amx::supported_format<F>())
-            qtiles[i] = amx::prepare_query<F>(st[i].q, g, dim,
-                                              amx_q + i * amx::query_bytes(g, dim));
+            qtiles[i] =
+                amx::prepare_query<F>(st[i].q, g, dim, amx_q + i * amx::query_bytes(g, dim));
         } else {
           for (std::size_t h = 0; h < g; ++h)
             vnni::quantize_query<F>(st[i].q + h * dim, dim, qv[i * g + h]);
@@ -649,8 +632,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       auto line_of = [](const std::byte* p) {
         return reinterpret_cast<const char*>(p) - reinterpret_cast<std::uintptr_t>(p) % 64;
       };
-      prefetch_cursor pf{line_of(K + tile * rb), line_of(V + tile * rb),
-                              (tile * rb + 63) / 64 + 1};
+      prefetch_cursor pf{line_of(K + tile * rb), line_of(V + tile * rb), (tile * rb + 63) / 64 + 1};
       // Spread over the scores' steps (32 epilogue steps on the tile unit,
       // 2 x blocks gathers on VNNI, 2 g query blocks on the float path): the
       // lines are requested while this tile's arithmetic runs and have the
@@ -664,15 +646,17 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         else if constexpr (formatted_precision<P>)
           calls = 2 * g;
         pf.step = calls ? (2 * pf.lines + calls - 1) / calls : 2 * pf.lines;
+        if (!calls) pf.issue();
       }
       if constexpr (integer) {
         if (use_amx) {
           // Unpacked keys and value tiles first: their stores reach the
           // cache while the other starts (see amx::unpack_keys).
           [[maybe_unused]] amx::key_rows keys{};
-          if constexpr (amx::supported_format<F>()) keys = amx::unpack_keys<F>(K, rb, n, dim, amx_a);
-          amx_value_tiles<F>(V, rb, n, dim, amx_buf, pf);
-          amx_tile_scores<F>(K, rb, n, g, dim, qtiles[i], keys, amx_c, sc, pf);
+          if constexpr (amx::supported_format<F>())
+            keys = amx::unpack_keys<F>(K, rb, n, dim, ts.keys());
+          amx_value_tiles<F>(V, rb, n, dim, ts, pf);
+          amx_tile_scores<F>(K, rb, n, g, dim, qtiles[i], keys, ts.c(), sc, pf);
         } else if (use_integer)
           integer_tile_scores<F, HB>(K, rb, n, g, dim, qv + i * g, tile_T, col_of, col_start,
                                      tile_scales, tile_mins, sc, pf);
@@ -681,8 +665,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         quant_softmax(s, g, sc, corr, tile);
         if (use_amx) {
           amx_tile_values<F>(V, rb, n, g, dim, sc, corr, s.o, stride,
-                             value_bias + i * g * (dim / F::group) * 16,
-                             amx_buf);
+                             value_bias + i * g * (dim / F::group) * 16, ts);
         } else if constexpr (integer_v) {
           if (use_integer) {
             integer_tile_values<F, HB>(V, rb, n, g, dim, sc, corr, s.o, stride, value_w,
@@ -698,7 +681,6 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         quant_softmax(s, g, sc, corr, decode_tile);
         quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
       } else {
-        pf.finish();
         quant_tile_blocks<P>(s, K, V, rb, n, g, dim, sc, corr);
       }
       pf.finish();  // whatever the steps left (a short tile)

@@ -312,26 +312,27 @@ KVCACHE_ALWAYS_INLINE void value_pairs(const std::uint8_t* a, const std::uint8_t
   }
 }
 
-//! A tile's block mins with tokens in lanes, gathered once for all heads:
+//! One fp16 field per block of a tile's rows (the scales at scale_offset,
+//! the mins at min_offset), tokens in lanes, gathered once for all heads:
 //! out[2 b] rows 0-15, out[2 b + 1] rows 16-31 (0 past n), n <= 32.
 template <class F>
-KVCACHE_ALWAYS_INLINE void tile_mins(const std::byte* V, std::size_t rb, std::size_t n,
-                                     std::size_t dim, __m512* out) noexcept {
+KVCACHE_ALWAYS_INLINE void tile_block_field(const std::byte* V, std::size_t rb, std::size_t n,
+                                            std::size_t dim, std::size_t field,
+                                            __m512* out) noexcept {
   const bool two = n > 16;
   const __m512i offs0 = tile_offsets(std::min<std::size_t>(n, 16), rb);
   const __m512i offs1 = tile_offsets(two ? n - 16 : 1, rb);
   for (std::size_t b = 0; b < dim / F::group; ++b) {
-    out[2 * b] = gather_half(V, offs0, F::min_offset(dim) + 2 * b);
-    out[2 * b + 1] =
-        two ? gather_half(V + 16 * rb, offs1, F::min_offset(dim) + 2 * b) : _mm512_setzero_ps();
+    out[2 * b] = gather_half(V, offs0, field + 2 * b);
+    out[2 * b + 1] = two ? gather_half(V + 16 * rb, offs1, field + 2 * b) : _mm512_setzero_ps();
   }
 }
 
 //! An asymmetric format's running min terms for one head: bias (nb, 16) =
 //! bias x corr + p0 x mins (rows 0-15) + p1 x mins (rows 16-31), per block,
-//! tokens in lanes; mins from tile_mins.
-KVCACHE_ALWAYS_INLINE void value_min_terms(const __m512* mins, std::size_t nb, __m512 p0,
-                                           __m512 p1, float corr, float* bias) noexcept {
+//! tokens in lanes; mins from tile_block_field.
+KVCACHE_ALWAYS_INLINE void value_min_terms(const __m512* mins, std::size_t nb, __m512 p0, __m512 p1,
+                                           float corr, float* bias) noexcept {
   for (std::size_t b = 0; b < nb; ++b) {
     float* acc = bias + b * 16;
     __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr));
@@ -353,37 +354,31 @@ KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::
   constexpr std::size_t G = F::group;
   const std::size_t nb = dim / G;
   const bool two = n > 16;  // rows 16.. exist: never gather past row n - 1
-  const __m512i offs0 = tile_offsets(std::min<std::size_t>(n, 16), rb);
-  const __m512i offs1 = tile_offsets(two ? n - 16 : 1, rb);
-  const std::byte* V1 = V + 16 * rb;
   float wscale[HB];
-  __m512 sv0[64], sv1[64];  // nb <= 64
+  __m512 sv[128];  // nb <= 64: scales of rows 0-15 and 16-31 per block
+  tile_block_field<F>(V, rb, n, dim, F::scale_offset(dim), sv);
   [[maybe_unused]] __m512 mins[F::asymmetric ? 128 : 1];
-  if constexpr (F::asymmetric) tile_mins<F>(V, rb, n, dim, mins);
-  for (std::size_t b = 0; b < nb; ++b) {
-    sv0[b] = gather_half(V, offs0, F::scale_offset(dim) + 2 * b);
-    sv1[b] = two ? gather_half(V1, offs1, F::scale_offset(dim) + 2 * b) : _mm512_setzero_ps();
-  }
+  if constexpr (F::asymmetric) tile_block_field<F>(V, rb, n, dim, F::min_offset(dim), mins);
   for (std::size_t h = 0; h < HB; ++h) {
     const __m512 p0 = _mm512_loadu_ps(p + h * pstride);
     const __m512 p1 = two ? _mm512_loadu_ps(p + h * pstride + 16) : _mm512_setzero_ps();
     // |products|: q4_0-style scales are negative when a block's extreme is positive.
     __m512 mx = _mm512_setzero_ps();
     for (std::size_t b = 0; b < nb; ++b) {
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(p0, sv0[b])));
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(p1, sv1[b])));
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(p0, sv[2 * b])));
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(p1, sv[2 * b + 1])));
     }
     const float wmax = _mm512_reduce_max_ps(mx);
     wscale[h] = wmax / 32767.f;
     const __m512 inv = _mm512_set1_ps(wmax > 0.f ? 32767.f / wmax : 0.f);
     for (std::size_t b = 0; b < nb; ++b) {
       std::int16_t* w = W + (h * nb + b) * 32;
-      _mm256_storeu_si256(
-          reinterpret_cast<__m256i*>(w),
-          _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(p0, sv0[b]), inv))));
-      _mm256_storeu_si256(
-          reinterpret_cast<__m256i*>(w + 16),
-          _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(p1, sv1[b]), inv))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w),
+                          _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(
+                              _mm512_mul_ps(_mm512_mul_ps(p0, sv[2 * b]), inv))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + 16),
+                          _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(
+                              _mm512_mul_ps(_mm512_mul_ps(p1, sv[2 * b + 1]), inv))));
     }
     if constexpr (F::asymmetric) value_min_terms(mins, nb, p0, p1, corr[h], bias + h * nb * 16);
   }
