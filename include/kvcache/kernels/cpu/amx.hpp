@@ -30,6 +30,7 @@
 
 #include "../../precision/block.hpp"
 #include "prefetch.hpp"
+#include "vnni.hpp"
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && \
     defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__linux__) &&   \
@@ -47,14 +48,14 @@ namespace kvcache {
 inline namespace v0 {
 namespace detail::amx {
 
-//! Formats whose scores this path computes: integer codes, blocks of 32 or
-//! more, and head_dims of whole 64-byte chunks (128 for the packed formats,
-//! whose unpacking works on 128 elements), at most 256 (the query tiles'
-//! scratch), with query heads in groups of 4 (the B tiles' columns).
+//! Formats this path computes: the VNNI path's integer formats, whose query
+//! quantization and block layout it shares. Shapes are checked at run time:
+//! head_dims of whole 64-byte chunks (128 for the packed formats, whose
+//! unpacking works on 128 elements), at most 256 (the query tiles' scratch),
+//! with query heads in groups of 4 (the B tiles' columns).
 template <class F>
 constexpr bool supported_format() noexcept {
-  return F::kind == block_kind::int8_sym || F::kind == block_kind::int4_sym ||
-         F::kind == block_kind::int4_asym || F::kind == block_kind::int2_asym;
+  return vnni::supported_format<F>();
 }
 inline constexpr std::size_t max_dim = 256, max_group = 16;
 template <class F>

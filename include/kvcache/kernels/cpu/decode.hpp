@@ -23,6 +23,7 @@
 #include "decode_quant.hpp"
 #include "decode_stream.hpp"
 #include "kchan.hpp"
+#include "prefetch.hpp"
 #include "rows.hpp"
 
 namespace kvcache {
@@ -65,27 +66,7 @@ struct tile_rows {
   std::size_t runs = 0;
 };
 
-//! The next tile's runs, prefetched while this tile computes: `step` lines
-//! of K and V at a time from every step of both the score and the value
-//! loops. Spread over the score loop alone, memory idled while P.V ran
-//! (32k from DRAM: 48 ns per token and KV head and thread then, 41 now).
-struct tile_prefetch {
-  const char* k[decode_subtiles] = {};
-  const char* v[decode_subtiles] = {};
-  std::size_t lines[decode_subtiles] = {};
-  std::size_t total = 0;
-  std::size_t next = 0;
-  std::size_t step = 0;
-  KVCACHE_ALWAYS_INLINE void issue() noexcept {
-    static_assert(decode_subtiles == 2);
-    for (const std::size_t e = std::min(next + step, total); next < e; ++next) {
-      const std::size_t r = next >= lines[0];
-      const std::size_t off = (next - r * lines[0]) * 64;
-      __builtin_prefetch(k[r] + off, 0, 1);
-      __builtin_prefetch(v[r] + off, 0, 1);
-    }
-  }
-};
+static_assert(decode_subtiles <= prefetch_cursor::max_runs);
 
 //! Regroups HB score vectors of TOK = 16 / HB tokens x HB heads (lane
 //! h * TOK + t of vector p holds token p * TOK + t of head h) into one vector
@@ -132,20 +113,21 @@ KVCACHE_ALWAYS_INLINE void scores_by_head(const simd::vf* s, simd::vf* by_head) 
 template <class P, std::size_t D, std::size_t HB>
 KVCACHE_ALWAYS_INLINE void decode_tile_update(decode_stream& s, const tile_rows<row_t<P>>& tr,
                                               std::size_t g, std::size_t dim_rt, float* sc,
-                                              tile_prefetch& pf) noexcept {
+                                              prefetch_cursor& pf) noexcept {
   using namespace simd;
   constexpr std::size_t TOK = lanes / HB, SUB = decode_subtiles;
   const std::size_t dim = D ? D : dim_rt;
   const std::size_t stride = dim + 1;
   const std::size_t nc = dim / lanes;
   const std::size_t subs = tr.runs;
-  // The first head block's loops: subs x HB x nc score steps, one value
-  // step per token and block of CB dims.
+  // Spread over the first head block's score and value loops (subs x HB x
+  // nc score steps, one value step per token and block of CB dims): over the
+  // scores alone, memory idled while P.V ran (32k from DRAM: 48 ns per token
+  // and KV head and thread then, 41 now).
   constexpr std::size_t CB = 16 / HB < 8 ? 16 / HB : 8;
   std::size_t tokens = 0;
   for (std::size_t u = 0; u < subs; ++u) tokens += tr.n[u];
-  const std::size_t steps = subs * HB * nc + (nc + CB - 1) / CB * tokens;
-  pf.step = (pf.total + steps - 1) / steps;
+  pf.spread(subs * HB * nc + (nc + CB - 1) / CB * tokens);
   for (std::size_t hb = 0; hb < g; hb += HB) {
     const float* q = s.q + hb * dim;
     vf sh[SUB][HB];
@@ -257,13 +239,12 @@ void decode_task(const decode_args& a, std::size_t first, std::size_t count, flo
         tr.n[u] = n;
         t += n;
       }
-      tile_prefetch pf;
+      prefetch_cursor pf;
       for (std::size_t u = 0, pt = t; u < decode_subtiles && pt < it.end; ++u) {
         const std::size_t n = run_length(pt);
         pf.k[u] = reinterpret_cast<const char*>(sv.row(kr, pt, rb));
         pf.v[u] = reinterpret_cast<const char*>(sv.row(vr, pt, rb));
         pf.lines[u] = (n * rb + 63) / 64;
-        pf.total += pf.lines[u];
         pt += n;
       }
       decode_tile_update<P, D, HB>(s, tr, g, dim, sc, pf);

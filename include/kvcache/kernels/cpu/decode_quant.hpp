@@ -632,9 +632,12 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       auto line_of = [](const std::byte* p) {
         return reinterpret_cast<const char*>(p) - reinterpret_cast<std::uintptr_t>(p) % 64;
       };
-      prefetch_cursor pf{line_of(K + tile * rb), line_of(V + tile * rb), (tile * rb + 63) / 64 + 1};
+      prefetch_cursor pf{
+          {line_of(K + tile * rb)}, {line_of(V + tile * rb)}, {(tile * rb + 63) / 64 + 1}};
       // Spread over the scores' steps (32 epilogue steps on the tile unit,
-      // 2 x blocks gathers on VNNI, 2 g query blocks on the float path): the
+      // whose 8 value-tile steps come first, so the last lines go out three
+      // quarters into the scores; 2 x blocks gathers on VNNI; 2 g query
+      // blocks on the float path): the
       // lines are requested while this tile's arithmetic runs and have the
       // value pass to arrive. The block-function path requests them at once.
       {
@@ -645,7 +648,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
           calls = 2 * (dim / P::group);
         else if constexpr (formatted_precision<P>)
           calls = 2 * g;
-        pf.step = calls ? (2 * pf.lines + calls - 1) / calls : 2 * pf.lines;
+        pf.spread(calls);
         if (!calls) pf.issue();
       }
       if constexpr (integer) {

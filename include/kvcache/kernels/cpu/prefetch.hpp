@@ -1,5 +1,6 @@
 // The lines of a decode stream's next tile, requested a few at a time from
-// inside the loops of the current tile (decode_quant.hpp, amx.hpp).
+// inside the loops of the current tile (decode.hpp, decode_quant.hpp,
+// amx.hpp).
 #pragma once
 
 #include <algorithm>
@@ -14,21 +15,30 @@ namespace detail {
 //! The lines of a stream's next tile, prefetched a few at a time from inside
 //! the loops of this tile: issued at once they stall the core on its line
 //! fill buffers and leave memory idle while it computes; spread out, the
-//! reads overlap the arithmetic. K and V lines alternate, so that both
-//! operands of the next tile arrive together (int8 from DRAM on two
-//! threads: 35 ns per token and KV head, 37 with all K lines first).
+//! reads overlap the arithmetic. A tile is one or two runs of rows (two when
+//! it spans small pages); K and V lines alternate, so that both operands
+//! arrive together (int8 from DRAM on two threads: 35 ns per token and KV
+//! head, 37 with all K lines first).
 struct prefetch_cursor {
-  const char* k = nullptr;
-  const char* v = nullptr;
-  std::size_t lines = 0;  // per operand
-  std::size_t next = 0;
-  std::size_t step = 0;
+  static constexpr std::size_t max_runs = 2;
+  const char* k[max_runs] = {};
+  const char* v[max_runs] = {};
+  std::size_t lines[max_runs] = {};  // per run, the same for K and V
+  std::size_t next = 0;              // lines requested, K and V counted apart
+  std::size_t step = 0;              // lines per issue()
+  std::size_t total() const noexcept { return lines[0] + lines[1]; }
   KVCACHE_ALWAYS_INLINE void issue() noexcept {
-    for (const std::size_t e = std::min(next + step, 2 * lines); next < e; ++next)
-      __builtin_prefetch((next & 1 ? v : k) + 64 * (next >> 1), 0, 1);
+    for (const std::size_t e = std::min(next + step, 2 * total()); next < e; ++next) {
+      const std::size_t line = next >> 1, r = line >= lines[0];
+      __builtin_prefetch((next & 1 ? v[r] : k[r]) + (line - r * lines[0]) * 64, 0, 1);
+    }
+  }
+  //! Spreads the lines over `calls` calls of issue() (all at once for 0).
+  void spread(std::size_t calls) noexcept {
+    step = calls ? (2 * total() + calls - 1) / calls : 2 * total();
   }
   void finish() noexcept {
-    step = 2 * lines;
+    step = 2 * total();
     issue();
   }
 };
