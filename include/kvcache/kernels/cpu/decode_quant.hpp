@@ -358,31 +358,6 @@ void quant_tile_blocks(decode_stream& s, const std::byte* K, const std::byte* V,
   }
 }
 
-//! Scores of 16 rows (n valid) for all g heads into sc (g, quant_tile).
-template <class F, std::size_t HB>
-KVCACHE_ALWAYS_INLINE void integer_half_scores(
-    const std::byte* K, std::size_t rb, std::size_t n, std::size_t g, std::size_t dim,
-    const vnni::query_view* q, void* T, const std::uint16_t* col_of, const std::uint32_t* col_start,
-    float* scales, float* mins, float* sc, prefetch_cursor& pf) noexcept {
-#if KVCACHE_HAS_VNNI
-  const std::size_t nb = dim / F::group;
-  vnni::unpack_tile<F>(K, rb, n, dim, static_cast<__m512i*>(T));
-  const __m512i offs = vnni::tile_offsets(n, rb);
-  for (std::size_t b = 0; b < nb; ++b) {
-    pf.issue();
-    _mm512_storeu_ps(scales + b * 16, vnni::gather_half(K, offs, F::scale_offset(dim) + 2 * b));
-    if constexpr (F::asymmetric)
-      _mm512_storeu_ps(mins + b * 16, vnni::gather_half(K, offs, F::min_offset(dim) + 2 * b));
-  }
-  for (std::size_t hb = 0; hb < g; hb += HB)
-    vnni::tile_scores<F, HB>(n, dim, q + hb, static_cast<const __m512i*>(T), col_of, col_start,
-                             scales, mins, sc + hb * quant_tile, quant_tile);
-#else
-  (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
-  (void)col_start, (void)scales, (void)mins, (void)sc, (void)pf;
-#endif
-}
-
 //! Runs half(h) for each 16-token half of a tile of n rows that has any;
 //! an empty second half gets -inf scores (sc: g rows of quant_tile).
 template <class Half>
@@ -398,16 +373,29 @@ KVCACHE_ALWAYS_INLINE void for_tile_halves(std::size_t n, std::size_t g, float* 
   }
 }
 
-//! Scores of one tile for all g heads by integer dot products (vnni.hpp).
+//! Scores of one tile for all g heads by integer dot products (vnni.hpp),
+//! 16 rows at a time.
 template <class F, std::size_t HB>
 KVCACHE_ALWAYS_INLINE void integer_tile_scores(
     const std::byte* K, std::size_t rb, std::size_t n, std::size_t g, std::size_t dim,
     const vnni::query_view* q, void* T, const std::uint16_t* col_of, const std::uint32_t* col_start,
     float* scales, float* mins, float* sc, prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_VNNI
+  const std::size_t nb = dim / F::group;
   for_tile_halves(n, g, sc, [&](std::size_t half) {
-    integer_half_scores<F, HB>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g,
-                               dim, q, T, col_of, col_start, scales, mins, sc + half * 16, pf);
+    const std::byte* Kh = K + half * 16 * rb;
+    const std::size_t nh = std::min<std::size_t>(16, n - half * 16);
+    vnni::unpack_tile<F>(Kh, rb, nh, dim, static_cast<__m512i*>(T));
+    const __m512i offs = vnni::tile_offsets(nh, rb);
+    for (std::size_t b = 0; b < nb; ++b) {
+      pf.issue();
+      _mm512_storeu_ps(scales + b * 16, vnni::gather_half(Kh, offs, F::scale_offset(dim) + 2 * b));
+      if constexpr (F::asymmetric)
+        _mm512_storeu_ps(mins + b * 16, vnni::gather_half(Kh, offs, F::min_offset(dim) + 2 * b));
+    }
+    for (std::size_t hb = 0; hb < g; hb += HB)
+      vnni::tile_scores<F, HB>(nh, dim, q + hb, static_cast<const __m512i*>(T), col_of, col_start,
+                               scales, mins, sc + half * 16 + hb * quant_tile, quant_tile);
   });
 #else
   (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
