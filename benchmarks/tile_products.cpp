@@ -1,9 +1,11 @@
 // tile/<impl>: the two products of one prefill tile (scores of 64 query rows
 // against a 64-key tile, then O = O * corr + P V) at head_dim 128, on one
 // thread, through the library's hand-vectorised loops (scores transposed,
-// St = K Qt, with key rows read as stored) and through Eigen's GEMM. It
-// settles which the prefill kernel uses; counter gflops (4 x 64 x 64 x 128
-// FLOPs per call / time).
+// St = K Qt, with key rows read as stored), through Eigen's GEMM, and on the
+// AMX tile unit in bf16 (amx_bf16.hpp: operands split into hi and lo, three
+// tile products per product, the splits and the weights' transpose
+// included). It settles which the prefill kernel uses; counter gflops (4 x
+// 64 x 64 x 128 FLOPs per call / time).
 #include <benchmark/benchmark.h>
 
 #include <Eigen/Core>
@@ -73,7 +75,40 @@ void tile_eigen(benchmark::State& state) {
   report(state);
 }
 
+void tile_amx_bf16(benchmark::State& state) {
+#if KVCACHE_HAS_AMX_BF16
+  namespace ab = kvcache::detail::amx_bf16;
+  if (!ab::usable(kRows, kDim)) {
+    state.SkipWithError("the AMX tile unit is not available to this process");
+    return;
+  }
+  tile_operands t;
+  // Qt (dim, rows) as the prefill kernel holds it.
+  std::vector<float> qt(kDim * kRows);
+  for (std::size_t r = 0; r < kRows; ++r)
+    for (std::size_t d = 0; d < kDim; ++d) qt[d * kRows + r] = t.q[r * kDim + d];
+  std::vector<float> scratch(ab::scratch_floats(kRows, kDim, kKeys));
+  ab::buffers b(scratch.data(), kRows, kDim, kKeys);
+  kvcache::detail::amx::configure();
+  ab::prepare_queries(qt.data(), kRows, kDim, b.qh, b.ql);
+  for (auto _ : state) {
+    ab::split_keys(t.krows.data(), kKeys, kDim, b.kh, b.kl);
+    ab::split_values(t.vrows.data(), kKeys, kDim, b.vh, b.vl);
+    ab::scores(b.qh, b.ql, b.kh, b.kl, t.s.data(), kRows, kKeys, kDim);
+    ab::split_weights(t.s.data(), kRows, kKeys, b.ph, b.pl);
+    ab::accumulate(b.ph, b.pl, b.vh, b.vl, t.o.data(), kRows, kKeys, kDim);
+    benchmark::DoNotOptimize(t.o.data());
+    benchmark::ClobberMemory();
+  }
+  kvcache::detail::amx::release();
+  report(state);
+#else
+  state.SkipWithError("built without AMX-BF16");
+#endif
+}
+
 BENCHMARK(tile_hand)->Name("tile/hand")->ReportAggregatesOnly(true);
 BENCHMARK(tile_eigen)->Name("tile/eigen")->ReportAggregatesOnly(true);
+BENCHMARK(tile_amx_bf16)->Name("tile/amx_bf16")->ReportAggregatesOnly(true);
 
 }  // namespace

@@ -73,6 +73,35 @@ TEMPLATE_TEST_CASE("decode equals a one-token prefill, chunked equals one-shot",
   CHECK(rel(chunked, one_shot) < 1e-5);
 }
 
+// Where the build and the CPU have AMX-BF16, fp16 and bf16 prefill run their
+// tile products on the tile unit (amx_bf16.hpp); the FMA loops otherwise.
+// The two agree to fp32 rounding, causal and windowed, over rows that take
+// either path (a 64-row item and a 1-token tail's 16).
+TEMPLATE_TEST_CASE("prefill on the tile unit equals the FMA kernel", "[kernels][amx]", fp16, bf16) {
+  const auto seed = kvtest::test_seed();
+  INFO("seed " << seed);
+  std::mt19937_64 rng(seed);
+  const std::size_t qh = 8, kvh = 2, d = 128, n = 700;
+  const auto in = make_inputs(rng, n, qh, kvh, d);
+  const std::vector<std::size_t> chunks{300, 1, 200};
+  using C = cache<gqa<>, contiguous, full, TestType>;
+  using W = cache<gqa<>, paged<16>, sliding_window<256>, TestType>;
+  const auto tiles = run_chunks<C>(in, chunks, qh, kvh, d, 2);
+  const auto tiles_w = run_chunks<W>(in, chunks, qh, kvh, d, 2);
+  struct refuse {
+    refuse() { detail::amx::allowed() = false; }
+    ~refuse() { detail::amx::allowed() = true; }
+  } guard;
+  CHECK_FALSE(detail::amx_bf16::usable(64, d));
+  CHECK(rel(tiles, run_chunks<C>(in, chunks, qh, kvh, d, 2)) < 1e-5);
+  CHECK(rel(tiles_w, run_chunks<W>(in, chunks, qh, kvh, d, 2)) < 1e-5);
+}
+
+TEST_CASE("a build for AMX-BF16 runs prefill on the tile unit", "[kernels][amx]") {
+  if (KVCACHE_HAS_AMX_BF16) CHECK(detail::amx_bf16::usable(64, 128));
+  CHECK_FALSE(detail::amx_bf16::usable(48, 128));  // rows in pairs of 16
+}
+
 TEST_CASE("1 and 2 threads give identical results", "[kernels][threads]") {
   using C = cache<gqa<>, contiguous, full, fp16>;
   const auto seed = kvtest::test_seed();

@@ -17,6 +17,7 @@
 #include "../../tensor.hpp"
 #include "../plan.hpp"
 #include "../view.hpp"
+#include "amx_bf16.hpp"
 #include "kchan.hpp"
 #include "rows.hpp"
 
@@ -48,10 +49,27 @@ inline std::size_t prefill_rows_padded(std::size_t rows) noexcept {
   return (rows + simd::lanes - 1) / simd::lanes * simd::lanes;
 }
 
+//! Floats of the FMA kernel's scratch for R padded rows; the tile unit's
+//! buffers follow it.
+inline constexpr std::size_t prefill_fma_scratch(std::size_t R, std::size_t D) noexcept {
+  const std::size_t B = prefill_kv_tile;
+  return 3 * R * D + R * B + 3 * D * B + 3 * R + D + 64;
+}
+
+//! Whether prefill of precision P may run its tile products on the AMX tile
+//! unit in bf16 (amx_bf16.hpp): rows that split exactly into two bf16s.
+template <class P>
+constexpr bool amx_bf16_rows() noexcept {
+  if constexpr (channel_keys<P>)
+    return false;
+  else
+    return std::is_same_v<row_t<P>, half> || std::is_same_v<row_t<P>, bfloat16>;
+}
+
 //! Floats of per-worker scratch the prefill kernel needs for tiles of `rows` rows.
 inline std::size_t prefill_scratch_floats(const kv_layout& L, std::size_t rows) noexcept {
   const std::size_t R = prefill_rows_padded(rows), D = L.head_dim, B = prefill_kv_tile;
-  return 3 * R * D + R * B + 3 * D * B + 3 * R + D + 64;
+  return prefill_fma_scratch(R, D) + amx_bf16::scratch_floats(R, D, B);
 }
 
 // The tile products keep the query rows in vector lanes: scores are computed
@@ -227,6 +245,17 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
       for (std::size_t d = 0; d < dim; ++d) Qst[d * R + r] = ss[d] * a.scale;
     }
   }
+  // Tile products on the tile unit where the precision, the shape and the
+  // process allow (amx_bf16.hpp); the queries are split once per item.
+  [[maybe_unused]] const bool use_amx = amx_bf16_rows<P>() && amx_bf16::usable(R, dim);
+  [[maybe_unused]] amx_bf16::buffers ab(scratch + prefill_fma_scratch(R, dim), R, dim, B);
+#if KVCACHE_HAS_AMX_BF16
+  if (use_amx) {
+    amx::configure();
+    amx_bf16::prepare_queries(Qt, R, dim, ab.qh, ab.ql);
+    if (own_sink_q) amx_bf16::prepare_queries(Qst, R, dim, ab.qsh, ab.qsl);
+  }
+#endif
   auto row_pos = [&](std::size_t r) {
     return r < nrows && !a.non_causal ? sv.first_pos + it.row_begin + r / g : last_pos;
   };
@@ -279,7 +308,17 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
       vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim);
     }
     for (std::size_t j = nk; j < nk8; ++j) kp[j] = zero;
-    tile_scores(Qtile, kp, St, R, nk8, dim);
+    [[maybe_unused]] const std::size_t nk32 = (nk + 31) / 32 * 32;
+#if KVCACHE_HAS_AMX_BF16
+    if (use_amx) {
+      for (std::size_t j = nk; j < nk32; ++j) kp[j] = vp[j] = zero;
+      amx_bf16::split_keys(kp, nk32, dim, ab.kh, ab.kl);
+      amx_bf16::split_values(vp, nk32, dim, ab.vh, ab.vl);
+      const bool sq = in_sinks && own_sink_q;
+      amx_bf16::scores(sq ? ab.qsh : ab.qh, sq ? ab.qsl : ab.ql, ab.kh, ab.kl, St, R, nk32, dim);
+    } else
+#endif
+      tile_scores(Qtile, kp, St, R, nk8, dim);
     // Masks (causal, window, sparse) and the online softmax, down St's
     // columns a vector of rows at a time.
     const bool windowed = !in_sinks && window;
@@ -321,9 +360,26 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
       store(l + r0, load(l + r0) * c + sum);
       store(m + r0, mn);
     }
-    tile_accumulate(St, vp, O, corr, R, nk, dim);
+#if KVCACHE_HAS_AMX_BF16
+    if (use_amx) {
+      // Keys past nk (padding to 32) get weight 0; O is rescaled here, as
+      // tile_accumulate does in its loop.
+      for (std::size_t j = nk; j < nk32; ++j) std::fill_n(St + j * R, R, 0.f);
+      for (std::size_t r = 0; r < R; ++r) {
+        const vf c = splat(corr[r]);
+        for (std::size_t d = 0; d < dim; d += lanes)
+          store(O + r * dim + d, load(O + r * dim + d) * c);
+      }
+      amx_bf16::split_weights(St, R, nk32, ab.ph, ab.pl);
+      amx_bf16::accumulate(ab.ph, ab.pl, ab.vh, ab.vl, O, R, nk32, dim);
+    } else
+#endif
+      tile_accumulate(St, vp, O, corr, R, nk, dim);
     k0 += nk;
   }
+#if KVCACHE_HAS_AMX_BF16
+  if (use_amx) amx::release();
+#endif
   for (std::size_t r = 0; r < nrows; ++r) {
     const std::size_t tok = it.row_begin + r / g, h = it.head * g + r % g;
     float* dst = &a.out(sv.q_begin + tok, h, 0);
