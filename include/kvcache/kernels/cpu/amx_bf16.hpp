@@ -29,7 +29,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
+#include "../../half.hpp"
 #include "amx.hpp"
 
 #if KVCACHE_HAS_AMX && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
@@ -149,7 +151,71 @@ inline void split_values(const float* const* rows, std::size_t nk, std::size_t d
     }
 }
 
+//! 32 elements of a stored row as two float vectors (fp16 rows).
+KVCACHE_ALWAYS_INLINE void half32(const std::byte* p, __m512& a, __m512& b) noexcept {
+  const __m512i x = _mm512_loadu_si512(p);
+  a = _mm512_cvtph_ps(_mm512_castsi512_si256(x));
+  b = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1));
+}
+
+//! nk stored key rows of T (half or bfloat16) -> A operands, as split_keys
+//! without the float copy: a bfloat16 row is its own hi (its lo is zero and
+//! is neither written nor multiplied).
+template <class T>
+inline void split_key_rows(const std::byte* const* rows, std::size_t nk, std::size_t dim,
+                           std::uint16_t* kh, std::uint16_t* kl) noexcept {
+  for (std::size_t j = 0; j < nk; ++j)
+    for (std::size_t d = 0; d < dim; d += 32) {
+      const std::byte* p = rows[j] + 2 * d;
+      if constexpr (std::is_same_v<T, bfloat16>) {
+        _mm512_storeu_si512(kh + j * dim + d, _mm512_loadu_si512(p));
+      } else {
+        __m512 a, b;
+        half32(p, a, b);
+        const __m512 ah = rounded_bf16(a), bh = rounded_bf16(b);
+        _mm512_storeu_si512(kh + j * dim + d, concat_high(ah, bh));
+        _mm512_storeu_si512(kl + j * dim + d, concat_high(rounded_bf16(_mm512_sub_ps(a, ah)),
+                                                          rounded_bf16(_mm512_sub_ps(b, bh))));
+      }
+    }
+}
+
+//! nk stored value rows of T (nk even) -> B operands, as split_values.
+template <class T>
+inline void split_value_rows(const std::byte* const* rows, std::size_t nk, std::size_t dim,
+                             std::uint16_t* vh, std::uint16_t* vl) noexcept {
+  for (std::size_t p = 0; p < nk / 2; ++p)
+    for (std::size_t d = 0; d < dim; d += 32) {
+      const std::byte* x = rows[2 * p] + 2 * d;
+      const std::byte* y = rows[2 * p + 1] + 2 * d;
+      std::uint16_t* h = vh + (p * dim + d) * 2;
+      if constexpr (std::is_same_v<T, bfloat16>) {
+        // Words of the two rows interleaved: dims d..d+15, then d+16..d+31.
+        const __m512i lo = _mm512_setr_epi32(0x00200000, 0x00210001, 0x00220002, 0x00230003,
+                                             0x00240004, 0x00250005, 0x00260006, 0x00270007,
+                                             0x00280008, 0x00290009, 0x002a000a, 0x002b000b,
+                                             0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
+        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+        const __m512i a = _mm512_loadu_si512(x), b = _mm512_loadu_si512(y);
+        _mm512_storeu_si512(h, _mm512_permutex2var_epi16(a, lo, b));
+        _mm512_storeu_si512(h + 32, _mm512_permutex2var_epi16(a, hi, b));
+      } else {
+        __m512 a[2], b[2];
+        half32(x, a[0], a[1]);
+        half32(y, b[0], b[1]);
+        for (std::size_t k = 0; k < 2; ++k) {
+          const __m512 ah = rounded_bf16(a[k]), bh = rounded_bf16(b[k]);
+          _mm512_storeu_si512(h + 32 * k, interleave_high(ah, bh));
+          _mm512_storeu_si512(vl + (p * dim + d) * 2 + 32 * k,
+                              interleave_high(rounded_bf16(_mm512_sub_ps(a[k], ah)),
+                                              rounded_bf16(_mm512_sub_ps(b[k], bh))));
+        }
+      }
+    }
+}
+
 //! St (nk, R) = K Qt for nk keys (a multiple of 32), rows R (a multiple of 32).
+//! kl null: the keys' lo parts are zero (bf16 rows), two products per pair.
 inline void scores(const std::uint16_t* qh, const std::uint16_t* ql, const std::uint16_t* kh,
                    const std::uint16_t* kl, float* St, std::size_t R, std::size_t nk,
                    std::size_t dim) noexcept {
@@ -177,6 +243,7 @@ inline void scores(const std::uint16_t* qh, const std::uint16_t* ql, const std::
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
+        if (!kl) continue;
         _tile_loadd(4, kl + j0 * dim + d0, ks);
         _tile_loadd(5, kl + (j0 + 16) * dim + d0, ks);
         _tile_loadd(6, h, qs);
@@ -244,7 +311,8 @@ inline void split_weights(const float* Pt, std::size_t R, std::size_t nk, std::u
 }
 
 //! O (R, dim) += P V: weights (R, nk) from split_weights, values (nk / 2,
-//! dim, 2) from split_values; nk a multiple of 32.
+//! dim, 2) from split_values; nk a multiple of 32. vl null: the values' lo
+//! parts are zero.
 inline void accumulate(const std::uint16_t* ph, const std::uint16_t* pl, const std::uint16_t* vh,
                        const std::uint16_t* vl, float* O, std::size_t R, std::size_t nk,
                        std::size_t dim) noexcept {
@@ -258,7 +326,7 @@ inline void accumulate(const std::uint16_t* ph, const std::uint16_t* pl, const s
       _tile_loadd(3, o + 16 * dim + 16, os);
       for (std::size_t k0 = 0; k0 < nk; k0 += 32) {
         const std::uint16_t* h = vh + (k0 / 2 * dim + d0) * 2;
-        const std::uint16_t* l = vl + (k0 / 2 * dim + d0) * 2;
+        const std::uint16_t* l = vl ? vl + (k0 / 2 * dim + d0) * 2 : nullptr;
         _tile_loadd(4, ph + r0 * nk + k0, ps);
         _tile_loadd(5, ph + (r0 + 16) * nk + k0, ps);
         _tile_loadd(6, h, vs);
@@ -267,16 +335,18 @@ inline void accumulate(const std::uint16_t* ph, const std::uint16_t* pl, const s
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(6, l, vs);
-        _tile_loadd(7, l + 32, vs);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        if (vl) {
+          _tile_loadd(6, l, vs);
+          _tile_loadd(7, l + 32, vs);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+          _tile_loadd(6, h, vs);
+          _tile_loadd(7, h + 32, vs);
+        }
         _tile_loadd(4, pl + r0 * nk + k0, ps);
         _tile_loadd(5, pl + (r0 + 16) * nk + k0, ps);
-        _tile_loadd(6, h, vs);
-        _tile_loadd(7, h + 32, vs);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);

@@ -287,7 +287,9 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     const std::size_t nk = std::min(B, (in_sinks ? sinks : last_pos + 1) - k0);
     const std::size_t nk8 = (nk + 7) / 8 * 8;
     const float* Qtile = in_sinks && own_sink_q ? Qst : Qt;
-    for (std::size_t j = 0; j < nk; ++j) {
+    // The tile unit splits stored rows itself unless RoPE on read rewrites them.
+    const bool direct = use_amx && !sv.rope_cs;
+    for (std::size_t j = 0; j < (direct ? 0 : nk); ++j) {
       const std::byte* ks = sv.row(kr, k0 + j, rb);
       if constexpr (channel_keys<P>) {
         // From the key's group rows or the residual; values from P's rows.
@@ -311,11 +313,26 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     [[maybe_unused]] const std::size_t nk32 = (nk + 31) / 32 * 32;
 #if KVCACHE_HAS_AMX_BF16
     if (use_amx) {
-      for (std::size_t j = nk; j < nk32; ++j) kp[j] = vp[j] = zero;
-      amx_bf16::split_keys(kp, nk32, dim, ab.kh, ab.kl);
-      amx_bf16::split_values(vp, nk32, dim, ab.vh, ab.vl);
+      // bf16 rows are their own hi parts: no lo products for them.
+      constexpr bool bf16_rows = std::is_same_v<row_t<P>, bfloat16>;
+      if (direct) {
+        const std::byte* krow[B];
+        const std::byte* vrow[B];
+        for (std::size_t j = 0; j < nk32; ++j) {
+          const bool pad = j >= nk;
+          krow[j] = pad ? reinterpret_cast<const std::byte*>(zero) : sv.row(kr, k0 + j, rb);
+          vrow[j] = pad ? reinterpret_cast<const std::byte*>(zero) : sv.row(vr, k0 + j, rb);
+        }
+        amx_bf16::split_key_rows<row_t<P>>(krow, nk32, dim, ab.kh, ab.kl);
+        amx_bf16::split_value_rows<row_t<P>>(vrow, nk32, dim, ab.vh, ab.vl);
+      } else {
+        for (std::size_t j = nk; j < nk32; ++j) kp[j] = vp[j] = zero;
+        amx_bf16::split_keys(kp, nk32, dim, ab.kh, ab.kl);
+        amx_bf16::split_values(vp, nk32, dim, ab.vh, ab.vl);
+      }
       const bool sq = in_sinks && own_sink_q;
-      amx_bf16::scores(sq ? ab.qsh : ab.qh, sq ? ab.qsl : ab.ql, ab.kh, ab.kl, St, R, nk32, dim);
+      amx_bf16::scores(sq ? ab.qsh : ab.qh, sq ? ab.qsl : ab.ql, ab.kh,
+                       direct && bf16_rows ? nullptr : ab.kl, St, R, nk32, dim);
     } else
 #endif
       tile_scores(Qtile, kp, St, R, nk8, dim);
@@ -371,7 +388,8 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
           store(O + r * dim + d, load(O + r * dim + d) * c);
       }
       amx_bf16::split_weights(St, R, nk32, ab.ph, ab.pl);
-      amx_bf16::accumulate(ab.ph, ab.pl, ab.vh, ab.vl, O, R, nk32, dim);
+      amx_bf16::accumulate(ab.ph, ab.pl, ab.vh,
+                           std::is_same_v<row_t<P>, bfloat16> ? nullptr : ab.vl, O, R, nk32, dim);
     } else
 #endif
       tile_accumulate(St, vp, O, corr, R, nk, dim);
