@@ -31,6 +31,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../../detail/simd.hpp"
 #include "../../half.hpp"
 #include "amx.hpp"
 
@@ -85,98 +86,91 @@ struct buffers {
 
 #if KVCACHE_HAS_AMX_BF16
 
-//! 16 floats rounded to bf16 (to nearest), as floats whose low halves are zero.
-KVCACHE_ALWAYS_INLINE __m512 rounded_bf16(__m512 x) noexcept {
-  return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x));
+//! 32 floats (a: elements 0-15, b: 16-31) split into bf16 hi and lo parts,
+//! each 32 words in order: hi = a, b rounded to nearest in one instruction,
+//! lo = the residues, rounded likewise.
+KVCACHE_ALWAYS_INLINE void split32(__m512 a, __m512 b, __m512i& hi, __m512i& lo) noexcept {
+  hi = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+  const __m512 ha =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
+  const __m512 hb = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
+  lo = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha));
 }
 
-//! Word 2i <- a's element i, word 2i + 1 <- b's element i (both as the high
-//! halves of fp32 lanes): one pair of dimensions or keys per 32-bit lane.
-KVCACHE_ALWAYS_INLINE __m512i interleave_high(__m512 a, __m512 b) noexcept {
+//! 32 words [x 0-15, y 0-15] -> pairs (x_i, y_i) in 32-bit lane i: the B
+//! operands' layout, two rows of the contraction per lane.
+KVCACHE_ALWAYS_INLINE __m512i pairs(__m512i w) noexcept {
   const __m512i index =
-      _mm512_setr_epi32(0x00210001, 0x00230003, 0x00250005, 0x00270007, 0x00290009, 0x002b000b,
-                        0x002d000d, 0x002f000f, 0x00310011, 0x00330013, 0x00350015, 0x00370017,
-                        0x00390019, 0x003b001b, 0x003d001d, 0x003f001f);
-  return _mm512_permutex2var_epi16(_mm512_castps_si512(a), index, _mm512_castps_si512(b));
-}
-//! Words 0-15 <- a's high halves, 16-31 <- b's: 32 consecutive elements.
-KVCACHE_ALWAYS_INLINE __m512i concat_high(__m512 a, __m512 b) noexcept {
-  const __m512i index =
-      _mm512_setr_epi32(0x00030001, 0x00070005, 0x000b0009, 0x000f000d, 0x00130011, 0x00170015,
-                        0x001b0019, 0x001f001d, 0x00230021, 0x00270025, 0x002b0029, 0x002f002d,
-                        0x00330031, 0x00370035, 0x003b0039, 0x003f003d);
-  return _mm512_permutex2var_epi16(_mm512_castps_si512(a), index, _mm512_castps_si512(b));
+      _mm512_setr_epi32(0x00100000, 0x00110001, 0x00120002, 0x00130003, 0x00140004, 0x00150005,
+                        0x00160006, 0x00170007, 0x00180008, 0x00190009, 0x001a000a, 0x001b000b,
+                        0x001c000c, 0x001d000d, 0x001e000e, 0x001f000f);
+  return _mm512_permutexvar_epi16(index, w);
 }
 
-//! Qt (dim, R) fp32 -> B operands (dim / 2, R, 2): hi rounded to nearest, lo
-//! the rest rounded to nearest.
+//! Splits 32 consecutive elements (a, b) into hi and lo at h and l.
+KVCACHE_ALWAYS_INLINE void store_split(__m512 a, __m512 b, std::uint16_t* h,
+                                       std::uint16_t* l) noexcept {
+  __m512i hi, lo;
+  split32(a, b, hi, lo);
+  _mm512_storeu_si512(h, hi);
+  _mm512_storeu_si512(l, lo);
+}
+//! Splits 16 elements of two contraction rows (x, y) into pairs at h and l.
+KVCACHE_ALWAYS_INLINE void store_split_pairs(__m512 x, __m512 y, std::uint16_t* h,
+                                             std::uint16_t* l) noexcept {
+  __m512i hi, lo;
+  split32(x, y, hi, lo);
+  _mm512_storeu_si512(h, pairs(hi));
+  _mm512_storeu_si512(l, pairs(lo));
+}
+
+//! 16 fp16 values at p as floats.
+KVCACHE_ALWAYS_INLINE __m512 half16(const std::byte* p) noexcept {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+//! Qt (dim, R) fp32 -> B operands (dim / 2, R, 2), hi and lo.
 inline void prepare_queries(const float* Qt, std::size_t R, std::size_t dim, std::uint16_t* qh,
                             std::uint16_t* ql) noexcept {
   for (std::size_t p = 0; p < dim / 2; ++p)
-    for (std::size_t r = 0; r < R; r += 16) {
-      const __m512 a = _mm512_loadu_ps(Qt + 2 * p * R + r);
-      const __m512 b = _mm512_loadu_ps(Qt + (2 * p + 1) * R + r);
-      const __m512 ah = rounded_bf16(a), bh = rounded_bf16(b);
-      _mm512_storeu_si512(qh + (p * R + r) * 2, interleave_high(ah, bh));
-      _mm512_storeu_si512(
-          ql + (p * R + r) * 2,
-          interleave_high(rounded_bf16(_mm512_sub_ps(a, ah)), rounded_bf16(_mm512_sub_ps(b, bh))));
-    }
+    for (std::size_t r = 0; r < R; r += 16)
+      store_split_pairs(_mm512_loadu_ps(Qt + 2 * p * R + r),
+                        _mm512_loadu_ps(Qt + (2 * p + 1) * R + r), qh + (p * R + r) * 2,
+                        ql + (p * R + r) * 2);
 }
 
 //! nk float key rows -> A operands (nk, dim) hi and lo, row-major.
 inline void split_keys(const float* const* rows, std::size_t nk, std::size_t dim, std::uint16_t* kh,
                        std::uint16_t* kl) noexcept {
   for (std::size_t j = 0; j < nk; ++j)
-    for (std::size_t d = 0; d < dim; d += 32) {
-      const __m512 a = _mm512_loadu_ps(rows[j] + d), b = _mm512_loadu_ps(rows[j] + d + 16);
-      const __m512 ah = rounded_bf16(a), bh = rounded_bf16(b);
-      _mm512_storeu_si512(kh + j * dim + d, concat_high(ah, bh));
-      _mm512_storeu_si512(kl + j * dim + d, concat_high(rounded_bf16(_mm512_sub_ps(a, ah)),
-                                                        rounded_bf16(_mm512_sub_ps(b, bh))));
-    }
+    for (std::size_t d = 0; d < dim; d += 32)
+      store_split(_mm512_loadu_ps(rows[j] + d), _mm512_loadu_ps(rows[j] + d + 16), kh + j * dim + d,
+                  kl + j * dim + d);
 }
 
 //! nk float value rows (nk even) -> B operands (nk / 2, dim, 2) hi and lo.
 inline void split_values(const float* const* rows, std::size_t nk, std::size_t dim,
                          std::uint16_t* vh, std::uint16_t* vl) noexcept {
   for (std::size_t p = 0; p < nk / 2; ++p)
-    for (std::size_t d = 0; d < dim; d += 16) {
-      const __m512 a = _mm512_loadu_ps(rows[2 * p] + d), b = _mm512_loadu_ps(rows[2 * p + 1] + d);
-      const __m512 ah = rounded_bf16(a), bh = rounded_bf16(b);
-      _mm512_storeu_si512(vh + (p * dim + d) * 2, interleave_high(ah, bh));
-      _mm512_storeu_si512(
-          vl + (p * dim + d) * 2,
-          interleave_high(rounded_bf16(_mm512_sub_ps(a, ah)), rounded_bf16(_mm512_sub_ps(b, bh))));
-    }
-}
-
-//! 32 elements of a stored row as two float vectors (fp16 rows).
-KVCACHE_ALWAYS_INLINE void half32(const std::byte* p, __m512& a, __m512& b) noexcept {
-  const __m512i x = _mm512_loadu_si512(p);
-  a = _mm512_cvtph_ps(_mm512_castsi512_si256(x));
-  b = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(x, 1));
+    for (std::size_t d = 0; d < dim; d += 16)
+      store_split_pairs(_mm512_loadu_ps(rows[2 * p] + d), _mm512_loadu_ps(rows[2 * p + 1] + d),
+                        vh + (p * dim + d) * 2, vl + (p * dim + d) * 2);
 }
 
 //! nk stored key rows of T (half or bfloat16) -> A operands, as split_keys
-//! without the float copy: a bfloat16 row is its own hi (its lo is zero and
-//! is neither written nor multiplied).
+//! without a float copy. A bfloat16 row is its own hi part (its lo is zero,
+//! neither written nor multiplied).
 template <class T>
 inline void split_key_rows(const std::byte* const* rows, std::size_t nk, std::size_t dim,
                            std::uint16_t* kh, std::uint16_t* kl) noexcept {
   for (std::size_t j = 0; j < nk; ++j)
     for (std::size_t d = 0; d < dim; d += 32) {
       const std::byte* p = rows[j] + 2 * d;
-      if constexpr (std::is_same_v<T, bfloat16>) {
+      if constexpr (std::is_same_v<T, bfloat16>)
         _mm512_storeu_si512(kh + j * dim + d, _mm512_loadu_si512(p));
-      } else {
-        __m512 a, b;
-        half32(p, a, b);
-        const __m512 ah = rounded_bf16(a), bh = rounded_bf16(b);
-        _mm512_storeu_si512(kh + j * dim + d, concat_high(ah, bh));
-        _mm512_storeu_si512(kl + j * dim + d, concat_high(rounded_bf16(_mm512_sub_ps(a, ah)),
-                                                          rounded_bf16(_mm512_sub_ps(b, bh))));
-      }
+      else
+        store_split(half16(p), half16(p + 32), kh + j * dim + d, kl + j * dim + d);
     }
 }
 
@@ -185,31 +179,17 @@ template <class T>
 inline void split_value_rows(const std::byte* const* rows, std::size_t nk, std::size_t dim,
                              std::uint16_t* vh, std::uint16_t* vl) noexcept {
   for (std::size_t p = 0; p < nk / 2; ++p)
-    for (std::size_t d = 0; d < dim; d += 32) {
+    for (std::size_t d = 0; d < dim; d += 16) {
       const std::byte* x = rows[2 * p] + 2 * d;
       const std::byte* y = rows[2 * p + 1] + 2 * d;
       std::uint16_t* h = vh + (p * dim + d) * 2;
       if constexpr (std::is_same_v<T, bfloat16>) {
-        // Words of the two rows interleaved: dims d..d+15, then d+16..d+31.
-        const __m512i lo = _mm512_setr_epi32(0x00200000, 0x00210001, 0x00220002, 0x00230003,
-                                             0x00240004, 0x00250005, 0x00260006, 0x00270007,
-                                             0x00280008, 0x00290009, 0x002a000a, 0x002b000b,
-                                             0x002c000c, 0x002d000d, 0x002e000e, 0x002f000f);
-        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-        const __m512i a = _mm512_loadu_si512(x), b = _mm512_loadu_si512(y);
-        _mm512_storeu_si512(h, _mm512_permutex2var_epi16(a, lo, b));
-        _mm512_storeu_si512(h + 32, _mm512_permutex2var_epi16(a, hi, b));
+        const __m512i w = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
+        _mm512_storeu_si512(h, pairs(w));
       } else {
-        __m512 a[2], b[2];
-        half32(x, a[0], a[1]);
-        half32(y, b[0], b[1]);
-        for (std::size_t k = 0; k < 2; ++k) {
-          const __m512 ah = rounded_bf16(a[k]), bh = rounded_bf16(b[k]);
-          _mm512_storeu_si512(h + 32 * k, interleave_high(ah, bh));
-          _mm512_storeu_si512(vl + (p * dim + d) * 2 + 32 * k,
-                              interleave_high(rounded_bf16(_mm512_sub_ps(a[k], ah)),
-                                              rounded_bf16(_mm512_sub_ps(b[k], bh))));
-        }
+        store_split_pairs(half16(x), half16(y), h, vl + (p * dim + d) * 2);
       }
     }
 }
@@ -261,52 +241,22 @@ inline void scores(const std::uint16_t* qh, const std::uint16_t* ql, const std::
 }
 
 //! Weights Pt (nk, R) fp32 (nk a multiple of 32) -> A operands (R, nk) hi
-//! and lo, 16 x 16 blocks transposed through a small buffer.
+//! and lo, transposed 16 x 16 at a time through a small buffer.
 inline void split_weights(const float* Pt, std::size_t R, std::size_t nk, std::uint16_t* ph,
                           std::uint16_t* pl) noexcept {
   alignas(64) float t[16][32];
   for (std::size_t r0 = 0; r0 < R; r0 += 16)
     for (std::size_t j0 = 0; j0 < nk; j0 += 32) {
-      // 32 keys x 16 rows -> 16 rows x 32 keys: scalar stores from each
-      // vector would cost more than the 16 x 16 shuffle network below.
+      // 32 keys x 16 rows -> 16 rows x 32 keys, in two 16 x 16 transposes.
       for (std::size_t half = 0; half < 2; ++half) {
-        __m512 v[16];
-        for (std::size_t k = 0; k < 16; ++k)
-          v[k] = _mm512_loadu_ps(Pt + (j0 + 16 * half + k) * R + r0);
-        // 16 x 16 transpose: 4 rounds of 2 x 2 block swaps.
-        __m512 w[16];
-        for (std::size_t k = 0; k < 16; k += 2) {
-          w[k] = _mm512_unpacklo_ps(v[k], v[k + 1]);
-          w[k + 1] = _mm512_unpackhi_ps(v[k], v[k + 1]);
-        }
-        for (std::size_t k = 0; k < 16; k += 4)
-          for (std::size_t i = 0; i < 2; ++i) {
-            const __m512d a = _mm512_castps_pd(w[k + i]), b = _mm512_castps_pd(w[k + 2 + i]);
-            v[k + i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-            v[k + 2 + i] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-          }
-        for (std::size_t k = 0; k < 16; k += 8)
-          for (std::size_t i = 0; i < 4; ++i) {
-            w[k + i] = _mm512_shuffle_f32x4(v[k + i], v[k + 4 + i], 0x88);
-            w[k + 4 + i] = _mm512_shuffle_f32x4(v[k + i], v[k + 4 + i], 0xdd);
-          }
-        for (std::size_t i = 0; i < 8; ++i) {
-          v[i] = _mm512_shuffle_f32x4(w[i], w[i + 8], 0x88);
-          v[i + 8] = _mm512_shuffle_f32x4(w[i], w[i + 8], 0xdd);
-        }
-        // v[i] now holds row r0 + perm(i): rows in the order the rounds left.
-        static constexpr std::size_t row_of[16] = {0, 2,  1, 3,  4,  6,  5,  7,
-                                                   8, 10, 9, 11, 12, 14, 13, 15};
-        for (std::size_t i = 0; i < 16; ++i) _mm512_store_ps(&t[row_of[i]][16 * half], v[i]);
+        simd::vf v[16];
+        for (std::size_t k = 0; k < 16; ++k) v[k] = simd::load(Pt + (j0 + 16 * half + k) * R + r0);
+        simd::transpose16(v);
+        for (std::size_t r = 0; r < 16; ++r) simd::store(&t[r][16 * half], v[r]);
       }
-      for (std::size_t r = 0; r < 16; ++r) {
-        const __m512 a = _mm512_load_ps(t[r]), b = _mm512_load_ps(t[r] + 16);
-        const __m512 ah = rounded_bf16(a), bh = rounded_bf16(b);
-        _mm512_storeu_si512(ph + (r0 + r) * nk + j0, concat_high(ah, bh));
-        _mm512_storeu_si512(
-            pl + (r0 + r) * nk + j0,
-            concat_high(rounded_bf16(_mm512_sub_ps(a, ah)), rounded_bf16(_mm512_sub_ps(b, bh))));
-      }
+      for (std::size_t r = 0; r < 16; ++r)
+        store_split(_mm512_load_ps(t[r]), _mm512_load_ps(t[r] + 16), ph + (r0 + r) * nk + j0,
+                    pl + (r0 + r) * nk + j0);
     }
 }
 

@@ -233,18 +233,22 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     m[r] = -INFINITY;
     l[r] = 0.f;
     for (std::size_t d = 0; d < dim; ++d) O[r * dim + d] = 0.f;
-    if (r >= nrows) {
-      for (std::size_t d = 0; d < dim; ++d) Qt[d * R + r] = Qst[d * R + r] = 0.f;
-      continue;
-    }
-    const std::size_t tok = it.row_begin + r / g, h = it.head * g + r % g;
-    const float* src = &a.q(sv.q_begin + tok, h, 0);
-    for (std::size_t d = 0; d < dim; ++d) Qt[d * R + r] = src[d] * a.scale;
-    if (own_sink_q) {
-      const float* ss = &a.q_sink(sv.q_begin + tok, h, 0);
-      for (std::size_t d = 0; d < dim; ++d) Qst[d * R + r] = ss[d] * a.scale;
-    }
   }
+  // Qt[d][r] = q[r][d] x scale, 16 x 16 blocks at a time; padding rows are 0.
+  auto transpose_queries = [&](const tensor_view<const float, 3>& q, float* dst) {
+    for (std::size_t r0 = 0; r0 < R; r0 += lanes)
+      for (std::size_t d0 = 0; d0 < dim; d0 += lanes) {
+        vf v[lanes];
+        for (std::size_t i = 0; i < lanes; ++i) {
+          const std::size_t r = r0 + i, tok = it.row_begin + r / g, h = it.head * g + r % g;
+          v[i] = r < nrows ? load(&q(sv.q_begin + tok, h, d0)) * a.scale : vf{};
+        }
+        transpose16(v);
+        for (std::size_t k = 0; k < lanes; ++k) store(dst + (d0 + k) * R + r0, v[k]);
+      }
+  };
+  transpose_queries(a.q, Qt);
+  if (own_sink_q) transpose_queries(a.q_sink, Qst);
   // Tile products on the tile unit where the precision, the shape and the
   // process allow (amx_bf16.hpp); the queries are split once per item.
   [[maybe_unused]] const bool use_amx = amx_bf16_rows<P>() && amx_bf16::usable(R, dim);
