@@ -26,6 +26,7 @@
 // from L2 (the operands of one tile exceed L1), not by its multipliers.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -161,11 +162,16 @@ inline void split_values(const float* const* rows, std::size_t nk, std::size_t d
 //! nk stored key rows of T (half or bfloat16) -> A operands, as split_keys
 //! without a float copy. A bfloat16 row is its own hi part (its lo is zero,
 //! neither written nor multiplied).
+//! next: the next tile's n_next key rows, requested into L2 a line per step
+//! (the rows come from memory in a cascade's shared pass, and a burst of
+//! requests at the start of a tile stalled more than it hid).
 template <class T>
 inline void split_key_rows(const std::byte* const* rows, std::size_t nk, std::size_t dim,
-                           std::uint16_t* kh, std::uint16_t* kl) noexcept {
+                           std::uint16_t* kh, std::uint16_t* kl, const std::byte* const* next,
+                           std::size_t n_next) noexcept {
   for (std::size_t j = 0; j < nk; ++j)
     for (std::size_t d = 0; d < dim; d += 32) {
+      if (j < n_next) _mm_prefetch(reinterpret_cast<const char*>(next[j] + 2 * d), _MM_HINT_T1);
       const std::byte* p = rows[j] + 2 * d;
       if constexpr (std::is_same_v<T, bfloat16>)
         _mm512_storeu_si512(kh + j * dim + d, _mm512_loadu_si512(p));
@@ -174,12 +180,17 @@ inline void split_key_rows(const std::byte* const* rows, std::size_t nk, std::si
     }
 }
 
-//! nk stored value rows of T (nk even) -> B operands, as split_values.
+//! nk stored value rows of T (nk even) -> B operands, as split_values;
+//! next as for split_key_rows.
 template <class T>
 inline void split_value_rows(const std::byte* const* rows, std::size_t nk, std::size_t dim,
-                             std::uint16_t* vh, std::uint16_t* vl) noexcept {
+                             std::uint16_t* vh, std::uint16_t* vl, const std::byte* const* next,
+                             std::size_t n_next) noexcept {
   for (std::size_t p = 0; p < nk / 2; ++p)
     for (std::size_t d = 0; d < dim; d += 16) {
+      if (d % 32 == 0)
+        for (std::size_t i = 2 * p; i < std::min(2 * p + 2, n_next); ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(next[i] + 2 * d), _MM_HINT_T1);
       const std::byte* x = rows[2 * p] + 2 * d;
       const std::byte* y = rows[2 * p + 1] + 2 * d;
       std::uint16_t* h = vh + (p * dim + d) * 2;

@@ -327,8 +327,16 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
           krow[j] = pad ? reinterpret_cast<const std::byte*>(zero) : sv.row(kr, k0 + j, rb);
           vrow[j] = pad ? reinterpret_cast<const std::byte*>(zero) : sv.row(vr, k0 + j, rb);
         }
-        amx_bf16::split_key_rows<row_t<P>>(krow, nk32, dim, ab.kh, ab.kl);
-        amx_bf16::split_value_rows<row_t<P>>(vrow, nk32, dim, ab.vh, ab.vl);
+        // The next tile's rows, requested while this one is split.
+        const std::byte* knext[B];
+        const std::byte* vnext[B];
+        const std::size_t n_next = std::min(B, last_pos + 1 - std::min(last_pos + 1, k0 + nk));
+        for (std::size_t j = 0; j < n_next; ++j) {
+          knext[j] = sv.row(kr, k0 + nk + j, rb);
+          vnext[j] = sv.row(vr, k0 + nk + j, rb);
+        }
+        amx_bf16::split_key_rows<row_t<P>>(krow, nk32, dim, ab.kh, ab.kl, knext, n_next);
+        amx_bf16::split_value_rows<row_t<P>>(vrow, nk32, dim, ab.vh, ab.vl, vnext, n_next);
       } else {
         for (std::size_t j = nk; j < nk32; ++j) kp[j] = vp[j] = zero;
         amx_bf16::split_keys(kp, nk32, dim, ab.kh, ab.kl);
