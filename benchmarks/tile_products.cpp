@@ -10,6 +10,7 @@
 
 #include <Eigen/Core>
 #include <cstddef>
+#include <cstdint>
 #include <kvcache/kernels/cpu/prefill.hpp>
 #include <random>
 #include <vector>
@@ -107,8 +108,51 @@ void tile_amx_bf16(benchmark::State& state) {
 #endif
 }
 
+// The tile unit's bf16 rate on one thread: back-to-back tdpbf16ps into four
+// accumulators from operands already in tile registers, no loads or stores.
+// Counter gflops: 2 x 16 x 16 x 32 FLOPs per instruction / time. The prefill
+// kernel does three such products per fp16 product (two for bf16 rows), so a
+// third (a half) of this is its ceiling.
+void amx_bf16_peak(benchmark::State& state) {
+#if KVCACHE_HAS_AMX_BF16
+  if (!kvcache::detail::amx_bf16::usable(32, 32)) {
+    state.SkipWithError("the AMX tile unit is not available to this process");
+    return;
+  }
+  alignas(64) static std::uint16_t ones[4][512];
+  for (auto& t : ones)
+    for (auto& x : t) x = 0x3f80;  // 1.0
+  kvcache::detail::amx::configure();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ones[0], 64);
+  _tile_loadd(5, ones[1], 64);
+  _tile_loadd(6, ones[2], 64);
+  _tile_loadd(7, ones[3], 64);
+  constexpr int kSteps = 1024;
+  for (auto _ : state)
+    for (int i = 0; i < kSteps; ++i) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  alignas(64) float sink[256];
+  _tile_stored(0, sink, 64);
+  benchmark::DoNotOptimize(sink);
+  kvcache::detail::amx::release();
+  state.counters["gflops"] = benchmark::Counter(
+      2e-9 * 16 * 16 * 32 * 4 * kSteps * double(state.iterations()), benchmark::Counter::kIsRate);
+#else
+  state.SkipWithError("built without AMX-BF16");
+#endif
+}
+
 BENCHMARK(tile_hand)->Name("tile/hand")->ReportAggregatesOnly(true);
 BENCHMARK(tile_eigen)->Name("tile/eigen")->ReportAggregatesOnly(true);
 BENCHMARK(tile_amx_bf16)->Name("tile/amx_bf16")->ReportAggregatesOnly(true);
+BENCHMARK(amx_bf16_peak)->Name("tile/amx_bf16_peak")->ReportAggregatesOnly(true);
 
 }  // namespace

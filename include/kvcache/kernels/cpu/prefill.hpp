@@ -57,13 +57,17 @@ inline constexpr std::size_t prefill_fma_scratch(std::size_t R, std::size_t D) n
 }
 
 //! Whether prefill of precision P may run its tile products on the AMX tile
-//! unit in bf16 (amx_bf16.hpp): rows that split exactly into two bf16s.
+//! unit in bf16 (amx_bf16.hpp): every precision but fp32 rows, the reference
+//! (held to 1e-5 of float64). fp16 and bf16 rows split exactly; decoded rows
+//! (block formats) to within 2^-17, far below their own rounding.
 template <class P>
-constexpr bool amx_bf16_rows() noexcept {
-  if constexpr (channel_keys<P>)
-    return false;
-  else
-    return std::is_same_v<row_t<P>, half> || std::is_same_v<row_t<P>, bfloat16>;
+constexpr bool amx_bf16_prefill() noexcept {
+  return !(direct_rows<P> && std::is_same_v<row_t<P>, float>);
+}
+//! Whether it splits P's stored rows directly, without a float copy.
+template <class P>
+constexpr bool amx_bf16_stored_rows() noexcept {
+  return !channel_keys<P> && (std::is_same_v<row_t<P>, half> || std::is_same_v<row_t<P>, bfloat16>);
 }
 
 //! Floats of per-worker scratch the prefill kernel needs for tiles of `rows` rows.
@@ -251,7 +255,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
   if (own_sink_q) transpose_queries(a.q_sink, Qst);
   // Tile products on the tile unit where the precision, the shape and the
   // process allow (amx_bf16.hpp); the queries are split once per item.
-  [[maybe_unused]] const bool use_amx = amx_bf16_rows<P>() && amx_bf16::usable(R, dim);
+  [[maybe_unused]] const bool use_amx = amx_bf16_prefill<P>() && amx_bf16::usable(R, dim);
   [[maybe_unused]] amx_bf16::buffers ab(scratch + prefill_fma_scratch(R, dim), R, dim, B);
 #if KVCACHE_HAS_AMX_BF16
   if (use_amx) {
@@ -292,7 +296,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     const std::size_t nk8 = (nk + 7) / 8 * 8;
     const float* Qtile = in_sinks && own_sink_q ? Qst : Qt;
     // The tile unit splits stored rows itself unless RoPE on read rewrites them.
-    const bool direct = use_amx && !sv.rope_cs;
+    const bool direct = amx_bf16_stored_rows<P>() && use_amx && !sv.rope_cs;
     for (std::size_t j = 0; j < (direct ? 0 : nk); ++j) {
       const std::byte* ks = sv.row(kr, k0 + j, rb);
       if constexpr (channel_keys<P>) {
@@ -319,25 +323,27 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     if (use_amx) {
       // bf16 rows are their own hi parts: no lo products for them.
       constexpr bool bf16_rows = std::is_same_v<row_t<P>, bfloat16>;
-      if (direct) {
-        const std::byte* krow[B];
-        const std::byte* vrow[B];
-        for (std::size_t j = 0; j < nk32; ++j) {
-          const bool pad = j >= nk;
-          krow[j] = pad ? reinterpret_cast<const std::byte*>(zero) : sv.row(kr, k0 + j, rb);
-          vrow[j] = pad ? reinterpret_cast<const std::byte*>(zero) : sv.row(vr, k0 + j, rb);
+      if constexpr (amx_bf16_stored_rows<P>())
+        if (direct) {
+          const std::byte* krow[B];
+          const std::byte* vrow[B];
+          for (std::size_t j = 0; j < nk32; ++j) {
+            const bool pad = j >= nk;
+            krow[j] = pad ? reinterpret_cast<const std::byte*>(zero) : sv.row(kr, k0 + j, rb);
+            vrow[j] = pad ? reinterpret_cast<const std::byte*>(zero) : sv.row(vr, k0 + j, rb);
+          }
+          // The next tile's rows, requested while this one is split.
+          const std::byte* knext[B];
+          const std::byte* vnext[B];
+          const std::size_t n_next = std::min(B, last_pos + 1 - std::min(last_pos + 1, k0 + nk));
+          for (std::size_t j = 0; j < n_next; ++j) {
+            knext[j] = sv.row(kr, k0 + nk + j, rb);
+            vnext[j] = sv.row(vr, k0 + nk + j, rb);
+          }
+          amx_bf16::split_key_rows<row_t<P>>(krow, nk32, dim, ab.kh, ab.kl, knext, n_next);
+          amx_bf16::split_value_rows<row_t<P>>(vrow, nk32, dim, ab.vh, ab.vl, vnext, n_next);
         }
-        // The next tile's rows, requested while this one is split.
-        const std::byte* knext[B];
-        const std::byte* vnext[B];
-        const std::size_t n_next = std::min(B, last_pos + 1 - std::min(last_pos + 1, k0 + nk));
-        for (std::size_t j = 0; j < n_next; ++j) {
-          knext[j] = sv.row(kr, k0 + nk + j, rb);
-          vnext[j] = sv.row(vr, k0 + nk + j, rb);
-        }
-        amx_bf16::split_key_rows<row_t<P>>(krow, nk32, dim, ab.kh, ab.kl, knext, n_next);
-        amx_bf16::split_value_rows<row_t<P>>(vrow, nk32, dim, ab.vh, ab.vl, vnext, n_next);
-      } else {
+      if (!direct) {
         for (std::size_t j = nk; j < nk32; ++j) kp[j] = vp[j] = zero;
         amx_bf16::split_keys(kp, nk32, dim, ab.kh, ab.kl);
         amx_bf16::split_values(vp, nk32, dim, ab.vh, ab.vl);
