@@ -196,15 +196,18 @@ inline void rope_row(float* x, const float* cs, std::size_t rotary_dim, bool int
 //! elements at a time through the decode kernels' readers (decode_quant.hpp;
 //! a test holds them to the scalar block functions): int4 prefill attention
 //! at 2048 tokens 2.4 times faster than decoding element by element.
+//! stored_basis: a rotating precision's row as stored (rotated), not decoded
+//! back (prefill then works in the rotated basis, see prefill_item_run).
 template <class P>
 KVCACHE_ALWAYS_INLINE const float* float_row(const std::byte* src, std::size_t dim, std::size_t rb,
-                                             float* buf) noexcept {
+                                             float* buf, bool stored_basis = false) noexcept {
   using namespace simd;
-  if constexpr (formatted_precision<P> && !rotating_precision<P> && !channel_keys<P>) {
-    (void)rb;
-    for (std::size_t c = 0; c < dim / lanes; ++c)
-      store(buf + c * lanes, read_row16<P>(src, c, dim));
-    return buf;
+  if constexpr (formatted_precision<P> && !channel_keys<P>) {
+    if (!rotating_precision<P> || stored_basis) {
+      for (std::size_t c = 0; c < dim / lanes; ++c)
+        store(buf + c * lanes, read_row16<P>(src, c, dim));
+      return buf;
+    }
   }
   const auto* r = rows<P>(src, 1, dim, rb, buf);
   if constexpr (std::is_same_v<row_t<P>, float>) {
@@ -247,18 +250,33 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     l[r] = 0.f;
     for (std::size_t d = 0; d < dim; ++d) O[r * dim + d] = 0.f;
   }
+  // A rotating precision (hadamard<P>) is attended in its stored basis, as
+  // decode does: queries rotated once here, rows read as stored, outputs
+  // rotated back at the end (the transform is orthonormal and its own
+  // inverse). Not with RoPE on read, which must rotate the keys as decoded.
+  [[maybe_unused]] const bool rotated =
+      rotating_precision<P> && formatted_precision<P> && !channel_keys<P> && !sv.rope_cs;
   // Qt[d][r] = q[r][d] x scale, 16 x 16 blocks at a time; padding rows are 0.
   auto transpose_queries = [&](const tensor_view<const float, 3>& q, float* dst) {
-    for (std::size_t r0 = 0; r0 < R; r0 += lanes)
+    for (std::size_t r0 = 0; r0 < R; r0 += lanes) {
+      const float* src[lanes];
+      for (std::size_t i = 0; i < lanes; ++i) {
+        const std::size_t r = r0 + i, tok = it.row_begin + r / g, h = it.head * g + r % g;
+        src[i] = r < nrows ? &q(sv.q_begin + tok, h, 0) : zero;
+        if constexpr (rotating_precision<P>)
+          if (rotated && r < nrows) {  // Kf is free until the first KV tile
+            std::copy_n(src[i], dim, Kf + i * dim);
+            P::transform_query(Kf + i * dim, dim);
+            src[i] = Kf + i * dim;
+          }
+      }
       for (std::size_t d0 = 0; d0 < dim; d0 += lanes) {
         vf v[lanes];
-        for (std::size_t i = 0; i < lanes; ++i) {
-          const std::size_t r = r0 + i, tok = it.row_begin + r / g, h = it.head * g + r % g;
-          v[i] = r < nrows ? load(&q(sv.q_begin + tok, h, d0)) * a.scale : vf{};
-        }
+        for (std::size_t i = 0; i < lanes; ++i) v[i] = load(src[i] + d0) * a.scale;
         transpose16(v);
         for (std::size_t k = 0; k < lanes; ++k) store(dst + (d0 + k) * R + r0, v[k]);
       }
+    }
   };
   transpose_queries(a.q, Qt);
   if (own_sink_q) transpose_queries(a.q_sink, Qst);
@@ -314,17 +332,17 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
         // per-channel keys do not take.)
         kchan_key_grouped<P>(sv, L, a.layer, it.head, k0 + j, Kf + j * dim, kgp);
         kp[j] = Kf + j * dim;
-        vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim);
+        vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim, rotated);
         continue;
       }
-      kp[j] = float_row<P>(ks, dim, rb, Kf + j * dim);
+      kp[j] = float_row<P>(ks, dim, rb, Kf + j * dim, rotated);
       if (sv.rope_cs) {  // RoPE on read, at the key's cache index, on a copy
         float* kf = Kf + j * dim;
         if (kp[j] != kf) std::copy_n(kp[j], dim, kf);
         rope_row(kf, sv.rope_cs + (k0 + j) * sv.rotary_dim, sv.rotary_dim, sv.rope_interleaved);
         kp[j] = kf;
       }
-      vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim);
+      vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim, rotated);
     }
     for (std::size_t j = nk; j < nk8; ++j) kp[j] = zero;
     [[maybe_unused]] const std::size_t nk32 = (nk + 31) / 32 * 32;
@@ -429,6 +447,8 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     const std::size_t tok = it.row_begin + r / g, h = it.head * g + r % g;
     float* dst = &a.out(sv.q_begin + tok, h, 0);
     const float inv = 1.0f / l[r];
+    if constexpr (rotating_precision<P>)
+      if (rotated) P::transform_output(O + r * dim, dim);
     for (std::size_t d = 0; d < dim; ++d) dst[d] = O[r * dim + d] * inv;
     if (!a.lse.empty()) a.lse(sv.q_begin + tok, h) = m[r] + std::log(l[r]);
   }
