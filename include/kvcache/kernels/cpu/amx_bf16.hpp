@@ -205,6 +205,40 @@ inline void split_value_rows(const std::byte* const* rows, std::size_t nk, std::
     }
 }
 
+// Tile registers of both products: a 2 x 2 block of C tiles in tmm0-3
+// ((0, 0), (0, 1), (1, 0), (1, 1)), its two A operands in tmm4-5 and its two
+// B operands in tmm6-7, each 16 rows of 64 bytes.
+KVCACHE_ALWAYS_INLINE void load_a(const void* a0, const void* a1, long stride) noexcept {
+  _tile_loadd(4, a0, stride);
+  _tile_loadd(5, a1, stride);
+}
+KVCACHE_ALWAYS_INLINE void load_b(const void* b0, const void* b1, long stride) noexcept {
+  _tile_loadd(6, b0, stride);
+  _tile_loadd(7, b1, stride);
+}
+//! C(i, j) += A(i) B(j) for the block's four tiles.
+KVCACHE_ALWAYS_INLINE void products() noexcept {
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+//! The block's C tiles at c: `right` floats to (0, 1), `down` to (1, 0).
+KVCACHE_ALWAYS_INLINE void load_c(const float* c, long stride, std::size_t right,
+                                  std::size_t down) noexcept {
+  _tile_loadd(0, c, stride);
+  _tile_loadd(1, c + right, stride);
+  _tile_loadd(2, c + down, stride);
+  _tile_loadd(3, c + down + right, stride);
+}
+KVCACHE_ALWAYS_INLINE void store_c(float* c, long stride, std::size_t right,
+                                   std::size_t down) noexcept {
+  _tile_stored(0, c, stride);
+  _tile_stored(1, c + right, stride);
+  _tile_stored(2, c + down, stride);
+  _tile_stored(3, c + down + right, stride);
+}
+
 //! St (nk, R) = K Qt for nk keys (a multiple of 32), rows R (a multiple of 32).
 //! kl null: the keys' lo parts are zero (bf16 rows), two products per pair.
 inline void scores(const std::uint16_t* qh, const std::uint16_t* ql, const std::uint16_t* kh,
@@ -220,34 +254,17 @@ inline void scores(const std::uint16_t* qh, const std::uint16_t* ql, const std::
       for (std::size_t d0 = 0; d0 < dim; d0 += 32) {
         const std::uint16_t* h = qh + (d0 / 2 * R + r0) * 2;
         const std::uint16_t* l = ql + (d0 / 2 * R + r0) * 2;
-        _tile_loadd(4, kh + j0 * dim + d0, ks);
-        _tile_loadd(5, kh + (j0 + 16) * dim + d0, ks);
-        _tile_loadd(6, h, qs);
-        _tile_loadd(7, h + 32, qs);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-        _tile_loadd(6, l, qs);
-        _tile_loadd(7, l + 32, qs);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        load_a(kh + j0 * dim + d0, kh + (j0 + 16) * dim + d0, ks);
+        load_b(h, h + 32, qs);
+        products();  // kh qh
+        load_b(l, l + 32, qs);
+        products();  // kh ql
         if (!kl) continue;
-        _tile_loadd(4, kl + j0 * dim + d0, ks);
-        _tile_loadd(5, kl + (j0 + 16) * dim + d0, ks);
-        _tile_loadd(6, h, qs);
-        _tile_loadd(7, h + 32, qs);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        load_a(kl + j0 * dim + d0, kl + (j0 + 16) * dim + d0, ks);
+        load_b(h, h + 32, qs);
+        products();  // kl qh
       }
-      _tile_stored(0, St + j0 * R + r0, qs);
-      _tile_stored(1, St + j0 * R + r0 + 16, qs);
-      _tile_stored(2, St + (j0 + 16) * R + r0, qs);
-      _tile_stored(3, St + (j0 + 16) * R + r0 + 16, qs);
+      store_c(St + j0 * R + r0, qs, 16, 16 * R);
     }
 }
 
@@ -281,42 +298,22 @@ inline void accumulate(const std::uint16_t* ph, const std::uint16_t* pl, const s
   for (std::size_t r0 = 0; r0 < R; r0 += 32)
     for (std::size_t d0 = 0; d0 < dim; d0 += 32) {
       float* o = O + r0 * dim + d0;
-      _tile_loadd(0, o, os);
-      _tile_loadd(1, o + 16, os);
-      _tile_loadd(2, o + 16 * dim, os);
-      _tile_loadd(3, o + 16 * dim + 16, os);
+      load_c(o, os, 16, 16 * dim);
       for (std::size_t k0 = 0; k0 < nk; k0 += 32) {
         const std::uint16_t* h = vh + (k0 / 2 * dim + d0) * 2;
-        const std::uint16_t* l = vl ? vl + (k0 / 2 * dim + d0) * 2 : nullptr;
-        _tile_loadd(4, ph + r0 * nk + k0, ps);
-        _tile_loadd(5, ph + (r0 + 16) * nk + k0, ps);
-        _tile_loadd(6, h, vs);
-        _tile_loadd(7, h + 32, vs);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        load_a(ph + r0 * nk + k0, ph + (r0 + 16) * nk + k0, ps);
+        load_b(h, h + 32, vs);
+        products();  // ph vh
         if (vl) {
-          _tile_loadd(6, l, vs);
-          _tile_loadd(7, l + 32, vs);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-          _tile_loadd(6, h, vs);
-          _tile_loadd(7, h + 32, vs);
+          const std::uint16_t* l = vl + (k0 / 2 * dim + d0) * 2;
+          load_b(l, l + 32, vs);
+          products();  // ph vl
+          load_b(h, h + 32, vs);
         }
-        _tile_loadd(4, pl + r0 * nk + k0, ps);
-        _tile_loadd(5, pl + (r0 + 16) * nk + k0, ps);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
+        load_a(pl + r0 * nk + k0, pl + (r0 + 16) * nk + k0, ps);
+        products();  // pl vh
       }
-      _tile_stored(0, o, os);
-      _tile_stored(1, o + 16, os);
-      _tile_stored(2, o + 16 * dim, os);
-      _tile_stored(3, o + 16 * dim + 16, os);
+      store_c(o, os, 16, 16 * dim);
     }
 }
 
