@@ -97,38 +97,35 @@ KVCACHE_ALWAYS_INLINE vf reduce16(const vf* v) noexcept {
                                  31);
 }
 
+//! Lane j of round S's first output: a[j], or b[j - S] where bit S of j is
+//! set; of its second: a[j + S], or b[j] where it is set (b's lanes are 16 +).
+constexpr int swap_lo(int S, int j) noexcept { return j & S ? 16 + j - S : j; }
+constexpr int swap_hi(int S, int j) noexcept { return j & S ? 16 + j : j + S; }
+
+//! One round of transpose16: swaps the off-diagonal S x S blocks of each
+//! pair of vectors S apart.
+template <int S>
+KVCACHE_ALWAYS_INLINE void swap_blocks(vf* v) noexcept {
+  for (int i = 0; i < 16; ++i) {
+    if (i & S) continue;
+    const vf a = v[i], b = v[i + S];
+#define KVCACHE_LANES(f)                                                                    \
+  f(S, 0), f(S, 1), f(S, 2), f(S, 3), f(S, 4), f(S, 5), f(S, 6), f(S, 7), f(S, 8), f(S, 9), \
+      f(S, 10), f(S, 11), f(S, 12), f(S, 13), f(S, 14), f(S, 15)
+    v[i] = __builtin_shufflevector(a, b, KVCACHE_LANES(swap_lo));
+    v[i + S] = __builtin_shufflevector(a, b, KVCACHE_LANES(swap_hi));
+#undef KVCACHE_LANES
+  }
+}
+
 //! v[i][j] <-> v[j][i] for 16 vectors: four rounds that swap the
 //! off-diagonal blocks of 1, 2, 4 and 8 lanes, one two-source shuffle per
 //! vector per round (64 in all, against 256 strided scalar stores).
 KVCACHE_ALWAYS_INLINE void transpose16(vf* v) noexcept {
-  for (int i = 0; i < 16; i += 2) {
-    const vf a = v[i], b = v[i + 1];
-    v[i] = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
-    v[i + 1] =
-        __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-  }
-  for (int i = 0; i < 16; i += 4)
-    for (int k = i; k < i + 2; ++k) {
-      const vf a = v[k], b = v[k + 2];
-      v[k] =
-          __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
-      v[k + 2] =
-          __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    }
-  for (int i = 0; i < 16; i += 8)
-    for (int k = i; k < i + 4; ++k) {
-      const vf a = v[k], b = v[k + 4];
-      v[k] =
-          __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
-      v[k + 4] =
-          __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-    }
-  for (int k = 0; k < 8; ++k) {
-    const vf a = v[k], b = v[k + 8];
-    v[k] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-    v[k + 8] =
-        __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  }
+  swap_blocks<1>(v);
+  swap_blocks<2>(v);
+  swap_blocks<4>(v);
+  swap_blocks<8>(v);
 }
 
 KVCACHE_ALWAYS_INLINE vf max(vf a, vf b) noexcept {

@@ -63,7 +63,8 @@ inline bool usable(std::size_t R, std::size_t dim) noexcept {
 
 //! Scratch of one item, in floats: queries (hi and lo, twice for the sinks'
 //! own queries), keys and values (hi and lo) and weights (hi and lo), with
-//! room to align each to 64 bytes.
+//! room to align the first to 64 bytes (on the shapes `usable` takes, every
+//! buffer is a whole number of 64-byte lines, so the rest stay aligned).
 inline constexpr std::size_t scratch_floats(std::size_t R, std::size_t dim,
                                             std::size_t kv_tile) noexcept {
   return 2 * R * dim + 2 * kv_tile * dim + R * kv_tile + 5 * 16;
@@ -126,8 +127,9 @@ KVCACHE_ALWAYS_INLINE void store_split_pairs(__m512 x, __m512 y, std::uint16_t* 
   _mm512_storeu_si512(l, pairs(lo));
 }
 
-//! 16 fp16 values at p as floats.
-KVCACHE_ALWAYS_INLINE __m512 half16(const std::byte* p) noexcept {
+//! 16 elements at p as floats (float or fp16 rows).
+KVCACHE_ALWAYS_INLINE __m512 load16(const float* p) noexcept { return _mm512_loadu_ps(p); }
+KVCACHE_ALWAYS_INLINE __m512 load16(const half* p) noexcept {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
@@ -136,63 +138,47 @@ inline void prepare_queries(const float* Qt, std::size_t R, std::size_t dim, std
                             std::uint16_t* ql) noexcept {
   for (std::size_t p = 0; p < dim / 2; ++p)
     for (std::size_t r = 0; r < R; r += 16)
-      store_split_pairs(_mm512_loadu_ps(Qt + 2 * p * R + r),
-                        _mm512_loadu_ps(Qt + (2 * p + 1) * R + r), qh + (p * R + r) * 2,
-                        ql + (p * R + r) * 2);
+      store_split_pairs(load16(Qt + 2 * p * R + r), load16(Qt + (2 * p + 1) * R + r),
+                        qh + (p * R + r) * 2, ql + (p * R + r) * 2);
 }
 
-//! nk float key rows -> A operands (nk, dim) hi and lo, row-major.
-inline void split_keys(const float* const* rows, std::size_t nk, std::size_t dim, std::uint16_t* kh,
-                       std::uint16_t* kl) noexcept {
-  for (std::size_t j = 0; j < nk; ++j)
-    for (std::size_t d = 0; d < dim; d += 32)
-      store_split(_mm512_loadu_ps(rows[j] + d), _mm512_loadu_ps(rows[j] + d + 16), kh + j * dim + d,
-                  kl + j * dim + d);
-}
-
-//! nk float value rows (nk even) -> B operands (nk / 2, dim, 2) hi and lo.
-inline void split_values(const float* const* rows, std::size_t nk, std::size_t dim,
-                         std::uint16_t* vh, std::uint16_t* vl) noexcept {
-  for (std::size_t p = 0; p < nk / 2; ++p)
-    for (std::size_t d = 0; d < dim; d += 16)
-      store_split_pairs(_mm512_loadu_ps(rows[2 * p] + d), _mm512_loadu_ps(rows[2 * p + 1] + d),
-                        vh + (p * dim + d) * 2, vl + (p * dim + d) * 2);
-}
-
-//! nk stored key rows of T (half or bfloat16) -> A operands, as split_keys
-//! without a float copy. A bfloat16 row is its own hi part (its lo is zero,
-//! neither written nor multiplied).
+//! nk key rows of T (float, half or bfloat16) -> A operands (nk, dim) hi and
+//! lo, row-major. A bfloat16 row is its own hi part (its lo is zero, neither
+//! written nor multiplied).
 //! next: the next tile's n_next key rows, requested into L2 a line per step
 //! (the rows come from memory in a cascade's shared pass, and a burst of
 //! requests at the start of a tile stalled more than it hid).
 template <class T>
-inline void split_key_rows(const std::byte* const* rows, std::size_t nk, std::size_t dim,
-                           std::uint16_t* kh, std::uint16_t* kl, const std::byte* const* next,
-                           std::size_t n_next) noexcept {
+inline void split_keys(const T* const* rows, std::size_t nk, std::size_t dim, std::uint16_t* kh,
+                       std::uint16_t* kl, const T* const* next = nullptr,
+                       std::size_t n_next = 0) noexcept {
+  constexpr std::size_t line = 64 / sizeof(T);  // elements per prefetched line
   for (std::size_t j = 0; j < nk; ++j)
     for (std::size_t d = 0; d < dim; d += 32) {
-      if (j < n_next) _mm_prefetch(reinterpret_cast<const char*>(next[j] + 2 * d), _MM_HINT_T1);
-      const std::byte* p = rows[j] + 2 * d;
+      for (std::size_t e = d; j < n_next && e < d + 32; e += line)
+        _mm_prefetch(reinterpret_cast<const char*>(next[j] + e), _MM_HINT_T1);
+      const T* p = rows[j] + d;
       if constexpr (std::is_same_v<T, bfloat16>)
         _mm512_storeu_si512(kh + j * dim + d, _mm512_loadu_si512(p));
       else
-        store_split(half16(p), half16(p + 32), kh + j * dim + d, kl + j * dim + d);
+        store_split(load16(p), load16(p + 16), kh + j * dim + d, kl + j * dim + d);
     }
 }
 
-//! nk stored value rows of T (nk even) -> B operands, as split_values;
-//! next as for split_key_rows.
+//! nk value rows of T (nk even) -> B operands (nk / 2, dim, 2) hi and lo;
+//! next as for split_keys.
 template <class T>
-inline void split_value_rows(const std::byte* const* rows, std::size_t nk, std::size_t dim,
-                             std::uint16_t* vh, std::uint16_t* vl, const std::byte* const* next,
-                             std::size_t n_next) noexcept {
+inline void split_values(const T* const* rows, std::size_t nk, std::size_t dim, std::uint16_t* vh,
+                         std::uint16_t* vl, const T* const* next = nullptr,
+                         std::size_t n_next = 0) noexcept {
+  constexpr std::size_t line = 64 / sizeof(T);
   for (std::size_t p = 0; p < nk / 2; ++p)
     for (std::size_t d = 0; d < dim; d += 16) {
-      if (d % 32 == 0)
+      if (d % line == 0)
         for (std::size_t i = 2 * p; i < std::min(2 * p + 2, n_next); ++i)
-          _mm_prefetch(reinterpret_cast<const char*>(next[i] + 2 * d), _MM_HINT_T1);
-      const std::byte* x = rows[2 * p] + 2 * d;
-      const std::byte* y = rows[2 * p + 1] + 2 * d;
+          _mm_prefetch(reinterpret_cast<const char*>(next[i] + d), _MM_HINT_T1);
+      const T* x = rows[2 * p] + d;
+      const T* y = rows[2 * p + 1] + d;
       std::uint16_t* h = vh + (p * dim + d) * 2;
       if constexpr (std::is_same_v<T, bfloat16>) {
         const __m512i w = _mm512_inserti64x4(
@@ -200,7 +186,7 @@ inline void split_value_rows(const std::byte* const* rows, std::size_t nk, std::
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(y)), 1);
         _mm512_storeu_si512(h, pairs(w));
       } else {
-        store_split_pairs(half16(x), half16(y), h, vl + (p * dim + d) * 2);
+        store_split_pairs(load16(x), load16(y), h, vl + (p * dim + d) * 2);
       }
     }
 }

@@ -625,9 +625,9 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // Spread over the scores' steps (32 epilogue steps on the tile unit,
       // whose 8 value-tile steps come first, so the last lines go out three
       // quarters into the scores; 2 x blocks gathers on VNNI; 2 g query
-      // blocks on the float path): the
-      // lines are requested while this tile's arithmetic runs and have the
-      // value pass to arrive. The block-function path requests them at once.
+      // blocks on the float path): the lines are requested while this tile's
+      // arithmetic runs and have the value pass to arrive. The
+      // block-function path requests them at once.
       {
         std::size_t calls = 0;
         if (use_amx)

@@ -64,10 +64,15 @@ template <class P>
 constexpr bool amx_bf16_prefill() noexcept {
   return !(direct_rows<P> && std::is_same_v<row_t<P>, float>);
 }
+//! Whether P's rows are bf16: their own hi parts, with no lo products.
+template <class P>
+constexpr bool bf16_rows() noexcept {
+  return std::is_same_v<row_t<P>, bfloat16>;
+}
 //! Whether it splits P's stored rows directly, without a float copy.
 template <class P>
 constexpr bool amx_bf16_stored_rows() noexcept {
-  return !channel_keys<P> && (std::is_same_v<row_t<P>, half> || std::is_same_v<row_t<P>, bfloat16>);
+  return !channel_keys<P> && (std::is_same_v<row_t<P>, half> || bf16_rows<P>());
 }
 
 //! Floats of per-worker scratch the prefill kernel needs for tiles of `rows` rows.
@@ -345,30 +350,29 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
       vp[j] = float_row<P>(sv.row(vr, k0 + j, rb), dim, rb, Vf + j * dim, rotated);
     }
     for (std::size_t j = nk; j < nk8; ++j) kp[j] = zero;
-    [[maybe_unused]] const std::size_t nk32 = (nk + 31) / 32 * 32;
+    [[maybe_unused]] const std::size_t nk32 =
+        (nk + amx_bf16::key_block - 1) / amx_bf16::key_block * amx_bf16::key_block;
 #if KVCACHE_HAS_AMX_BF16
     if (use_amx) {
-      // bf16 rows are their own hi parts: no lo products for them.
-      constexpr bool bf16_rows = std::is_same_v<row_t<P>, bfloat16>;
       if constexpr (amx_bf16_stored_rows<P>())
         if (direct) {
-          const std::byte* krow[B];
-          const std::byte* vrow[B];
-          for (std::size_t j = 0; j < nk32; ++j) {
-            const bool pad = j >= nk;
-            krow[j] = pad ? reinterpret_cast<const std::byte*>(zero) : sv.row(kr, k0 + j, rb);
-            vrow[j] = pad ? reinterpret_cast<const std::byte*>(zero) : sv.row(vr, k0 + j, rb);
-          }
-          // The next tile's rows, requested while this one is split.
-          const std::byte* knext[B];
-          const std::byte* vnext[B];
+          // This tile's rows (padded with zero rows) and the next tile's,
+          // requested while this one is split.
+          using T = row_t<P>;
+          const T* krow[2 * B];
+          const T* vrow[2 * B];
           const std::size_t n_next = std::min(B, last_pos + 1 - std::min(last_pos + 1, k0 + nk));
-          for (std::size_t j = 0; j < n_next; ++j) {
-            knext[j] = sv.row(kr, k0 + nk + j, rb);
-            vnext[j] = sv.row(vr, k0 + nk + j, rb);
+          for (std::size_t j = 0; j < nk32 + n_next; ++j) {
+            if (j >= nk && j < nk32) {
+              krow[j] = vrow[j] = reinterpret_cast<const T*>(zero);
+              continue;
+            }
+            const std::size_t pos = j < nk ? k0 + j : k0 + nk + (j - nk32);
+            krow[j] = reinterpret_cast<const T*>(sv.row(kr, pos, rb));
+            vrow[j] = reinterpret_cast<const T*>(sv.row(vr, pos, rb));
           }
-          amx_bf16::split_key_rows<row_t<P>>(krow, nk32, dim, ab.kh, ab.kl, knext, n_next);
-          amx_bf16::split_value_rows<row_t<P>>(vrow, nk32, dim, ab.vh, ab.vl, vnext, n_next);
+          amx_bf16::split_keys(krow, nk32, dim, ab.kh, ab.kl, krow + nk32, n_next);
+          amx_bf16::split_values(vrow, nk32, dim, ab.vh, ab.vl, vrow + nk32, n_next);
         }
       if (!direct) {
         for (std::size_t j = nk; j < nk32; ++j) kp[j] = vp[j] = zero;
@@ -377,7 +381,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
       }
       const bool sq = in_sinks && own_sink_q;
       amx_bf16::scores(sq ? ab.qsh : ab.qh, sq ? ab.qsl : ab.ql, ab.kh,
-                       direct && bf16_rows ? nullptr : ab.kl, St, R, nk32, dim);
+                       direct && bf16_rows<P>() ? nullptr : ab.kl, St, R, nk32, dim);
     } else
 #endif
       tile_scores(Qtile, kp, St, R, nk8, dim);
@@ -433,8 +437,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
           store(O + r * dim + d, load(O + r * dim + d) * c);
       }
       amx_bf16::split_weights(St, R, nk32, ab.ph, ab.pl);
-      amx_bf16::accumulate(ab.ph, ab.pl, ab.vh,
-                           std::is_same_v<row_t<P>, bfloat16> ? nullptr : ab.vl, O, R, nk32, dim);
+      amx_bf16::accumulate(ab.ph, ab.pl, ab.vh, bf16_rows<P>() ? nullptr : ab.vl, O, R, nk32, dim);
     } else
 #endif
       tile_accumulate(St, vp, O, corr, R, nk, dim);
