@@ -15,7 +15,10 @@ using namespace kvcache;
 
 namespace {
 
-constexpr std::size_t kContext = 4096, kQHeads = 8, kKVHeads = 2, kDim = 128, kSeeds = 5,
+// Nine seeds: the ratio checks compare medians over seeds, and with five the
+// median of FP8 / INT8 ranged 0.86 to 1.32 over 24 runs, too close to its 1.5
+// bound for a test that draws fresh seeds every run.
+constexpr std::size_t kContext = 4096, kQHeads = 8, kKVHeads = 2, kDim = 128, kSeeds = 9,
                       kDecodes = 8;
 
 struct measured {
@@ -130,7 +133,10 @@ TEST_CASE("fidelity on outlier keys: kernel bounds and format ratios", "[quant][
   CHECK(med(c4) <= 0.5 * med(i4));
   // INT2 with per-channel keys and a 128-token fp16 residual <= 0.5 x per-token INT2.
   CHECK(med(c2) <= 0.5 * med(i2));
-  // Rotation alone: about 0.5x per-token INT4 and 0.5x to 0.7x per-token INT2.
-  CHECK(std::min(med(h4), med(h4a)) <= 0.65 * med(i4));
-  CHECK(med(h2) <= 0.8 * med(i2));
+  // Rotation alone must clearly help, though less than per-channel keys: over
+  // 41 runs of five seeds it gave 0.47x to 0.67x per-token INT4 and 0.50x to
+  // 0.78x per-token INT2. The bounds sit above that spread so that only a
+  // real regression fails them.
+  CHECK(std::min(med(h4), med(h4a)) <= 0.75 * med(i4));
+  CHECK(med(h2) <= 0.9 * med(i2));
 }
