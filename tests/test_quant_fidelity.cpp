@@ -111,8 +111,8 @@ TEST_CASE("fidelity on outlier keys: kernel bounds and format ratios", "[quant][
     return rows.front();
   };
   // (a) Every kernel within its stated bound of float64 over its own rows
-  // (decode_error_bound: 1e-4 for float paths, 5e-4 for integer scores;
-  // kchan_error_bound: 5e-4 with integer P.V).
+  // (decode_error_bound: 1e-4 for float paths, 1e-3 for integer scores;
+  // kchan_error_bound: 1e-3 with integer P.V).
   for (const auto& m : rows) {
     INFO(m.name);
     CHECK(m.max(m.own) <= m.bound);
