@@ -1,7 +1,10 @@
 // Block-quantized formats: golden bytes for fixed inputs, zero blocks, fp8
-// conversion, the vectorised readers against the scalar block functions, and
-// the bytes each format stores.
+// conversion, the vectorised readers and the write kernel's vector encoder
+// against the scalar block functions, and the bytes each format stores.
+#include <algorithm>
 #include <array>
+#include <bit>
+#include <cmath>
 #include <cstring>
 
 #include "support.hpp"
@@ -146,3 +149,125 @@ TEST_CASE("bytes per element of each format", "[quant][format][memory]") {
   CHECK(kv.memory_in_use() == contiguous_sequence_bytes<int4_kv<true>>(shape, 500));
   CHECK(kv.memory_in_use() == 500ull * 2 * 2 * 2 * (48 + 12));
 }
+
+namespace {
+
+// Blocks that exercise the encoders' corner cases, one 32-element chunk at a
+// time: magnitudes from 1e-30 to 1e30, signed zeros, a lone non-zero, the
+// largest magnitude twice with either sign, and values that land exactly on
+// a rounding tie (a power-of-two scale and codes of k + 1/2, or e4m3
+// midpoints for fp8).
+template <class F>
+void corner_chunk(std::mt19937_64& rng, int mode, float* x) {
+  std::uniform_int_distribution<int> pos(0, 31), sign(0, 1), e(0, 6);
+  auto sgn = [&] { return sign(rng) ? -1.f : 1.f; };
+  const auto n = kvtest::normal(rng, 32);
+  switch (mode) {
+    case 0: {  // normal at a random magnitude
+      const float m = std::pow(10.f, std::uniform_real_distribution<float>(-30.f, 30.f)(rng));
+      for (int i = 0; i < 32; ++i) x[i] = n[i] * m;
+      break;
+    }
+    case 1:  // signed zeros, maybe one non-zero
+      for (int i = 0; i < 32; ++i) x[i] = sgn() * 0.f;
+      if (sign(rng)) x[pos(rng)] = n[0];
+      break;
+    case 2: {  // the largest magnitude twice, either sign
+      for (int i = 0; i < 32; ++i) x[i] = std::clamp(n[i], -2.f, 2.f);
+      x[pos(rng)] = 3.f * sgn();
+      x[pos(rng)] = 3.f * sgn();
+      break;
+    }
+    default: {  // exact ties under a power-of-two scale
+      const float step = std::ldexp(1.f, -e(rng));
+      if constexpr (F::kind == detail::block_kind::int8_sym) {
+        std::uniform_int_distribution<int> k(-127, 126);
+        for (int i = 0; i < 32; ++i) x[i] = (k(rng) + 0.5f) * step;
+        x[pos(rng)] = 127.f * step * sgn();
+      } else if constexpr (F::kind == detail::block_kind::int4_sym) {
+        std::uniform_int_distribution<int> k(-8, 7);
+        for (int i = 0; i < 32; ++i) x[i] = (k(rng) + 0.5f) * step;
+        x[pos(rng)] = -8.f * step;
+      } else if constexpr (F::kind == detail::block_kind::fp8_e4m3) {
+        std::uniform_int_distribution<unsigned> c(0, 0x7c);
+        for (int i = 0; i < 32; ++i) {
+          const auto code = static_cast<std::uint8_t>(c(rng));
+          x[i] =
+              sgn() * step * (detail::e4m3_to_float(code) + detail::e4m3_to_float(code + 1)) / 2.f;
+        }
+        x[pos(rng)] = 448.f * step * sgn();
+      } else {
+        const int top = (1 << F::bits) - 1;
+        std::uniform_int_distribution<int> k(0, top - 1);
+        const float lo = -8.f * step;
+        for (int i = 0; i < 32; ++i) x[i] = lo + (k(rng) + 0.5f) * step;
+        x[pos(rng)] = lo;
+        x[pos(rng)] = lo + top * step;
+      }
+    }
+  }
+}
+
+//! A user's precision that keeps int8_kv's layout but encodes its own way:
+//! the write kernel must call its encode, not the vector encoder.
+struct own_encode_int8 : int8_kv<> {
+  static void encode(const float* src, std::byte* dst, std::size_t dim) noexcept {
+    int8_kv<>::encode(src, dst, dim);
+  }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("the write kernel's vector encoder stores the block functions' bytes",
+                   "[quant][format]", int8_kv<>, int8_kv<64>, int8_kv<128>, int4_kv<>,
+                   int4_kv<true>, int2_kv, fp8_e4m3_kv<>, fp8_e4m3_kv<128>, hadamard<int8_kv<>>,
+                   hadamard<int4_kv<>>, hadamard<int2_kv>) {
+  using F = typename TestType::format;
+  STATIC_REQUIRE(detail::plain_block_encode<TestType>() ||
+                 detail::rotated_block_encode<TestType>());
+  STATIC_REQUIRE(!detail::plain_block_encode<own_encode_int8>());
+  const auto seed = kvtest::test_seed();
+  INFO("seed " << seed << (KVCACHE_HAS_SIMD_ENCODE ? " (AVX-512 encoder)" : " (portable build)"));
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> mode(0, 3);
+  for (std::size_t dim : {96, 128, 256}) {
+    if (!detail::whole_blocks<TestType>(dim)) continue;
+    std::vector<float> x(dim);
+    std::vector<std::byte> want(TestType::row_bytes(dim)), got(want.size());
+    for (int row = 0; row < 400; ++row) {
+      const int m = row % 5 == 4 ? -1 : row % 4;  // one mode per row, or mixed
+      for (std::size_t c = 0; c < dim; c += 32) corner_chunk<F>(rng, m < 0 ? mode(rng) : m, &x[c]);
+      TestType::encode(x.data(), want.data(), dim);
+      detail::encode_row<TestType>(x.data(), got.data(), dim);
+      INFO("dim " << dim << ", row " << row);
+      REQUIRE(std::memcmp(want.data(), got.data(), want.size()) == 0);
+    }
+  }
+}
+
+#if KVCACHE_HAS_SIMD_ENCODE
+TEST_CASE("the vector e4m3 conversion equals the scalar one", "[quant][format]") {
+  // Every 61st float from 0 to 2^10 (past saturation), both signs: the
+  // subnormal grid, every binade of the normal range and the rounding ties.
+  alignas(64) float y[16];
+  alignas(64) std::int32_t got[16];
+  std::size_t mismatches = 0;
+  for (std::uint32_t b = 0; b < 0x44800000u; b += 16 * 61) {
+    for (int i = 0; i < 16; ++i)
+      y[i] = std::bit_cast<float>((b + 61u * i) | (i % 2 ? 0x80000000u : 0u));
+    _mm512_store_si512(got, detail::simd_encode::e4m3(_mm512_load_ps(y)));
+    for (int i = 0; i < 16; ++i) mismatches += got[i] != detail::float_to_e4m3(y[i]);
+  }
+  // Every tie between neighbouring codes, and the floats on either side of it.
+  for (unsigned c = 0; c < 0x7e; ++c) {
+    const float mid = (detail::e4m3_to_float(static_cast<std::uint8_t>(c)) +
+                       detail::e4m3_to_float(static_cast<std::uint8_t>(c + 1))) /
+                      2.f;
+    const float pts[4] = {mid, -mid, std::nextafter(mid, 0.f), std::nextafter(mid, 1e9f)};
+    for (int i = 0; i < 16; ++i) y[i] = pts[i % 4];
+    _mm512_store_si512(got, detail::simd_encode::e4m3(_mm512_load_ps(y)));
+    for (int i = 0; i < 16; ++i) mismatches += got[i] != detail::float_to_e4m3(y[i]);
+  }
+  CHECK(mismatches == 0);
+}
+#endif

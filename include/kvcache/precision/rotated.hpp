@@ -66,6 +66,7 @@ struct hadamard : P {
       requires { typename P::format; },
       "hadamard<P> wraps one of the block-quantized precisions (int8_kv, int4_kv, "
       "int2_kv, fp8_e4m3_kv).");
+  using rotated_precision = P;  //!< the precision that stores the rotated rows
   static constexpr std::size_t max_dim = 1024;
   static constexpr std::string_view name = detail::hadamard_name<P>::value;
 

@@ -29,6 +29,7 @@
 #include "../view.hpp"
 #include "decode_quant.hpp"
 #include "decode_stream.hpp"
+#include "encode.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
@@ -95,7 +96,7 @@ void write_kchan(thread_pool& pool, const kv_layout& L, std::size_t layer,
     const std::size_t kr = L.run_offset(s.page_tokens, layer, 0, h);
     const std::size_t vr = L.run_offset(s.page_tokens, layer, 1, h);
     for (std::size_t t = 0; t < s.q_len; ++t)
-      V::encode(&v(s.q_begin + t, h, 0), s.row(vr, s.first_pos + t, rb), dim);
+      encode_row<V>(&v(s.q_begin + t, h, 0), s.row(vr, s.first_pos + t, rb), dim);
     std::uint16_t* res = kchan_residual(s, L, layer, h);
     // Tokens u of [0, a + n): the residual's a, then the step's n.
     const std::size_t a = s.res_prev, total = a + s.q_len, flushed = total / R * R;

@@ -1,5 +1,6 @@
 // Appends a step's K and V rows into their slots, encoding them into the
-// precision's format once (history is never re-encoded).
+// precision's format once (history is never re-encoded); built-in block
+// formats through the vector encoder (encode.hpp).
 #pragma once
 
 #include <cmath>
@@ -11,6 +12,7 @@
 #include "../../error.hpp"
 #include "../../tensor.hpp"
 #include "../view.hpp"
+#include "encode.hpp"
 
 namespace kvcache {
 inline namespace v0 {
@@ -61,8 +63,8 @@ void write_rows(thread_pool& pool, const kv_layout& L, std::size_t layer,
     const std::size_t vr = L.run_offset(s.page_tokens, layer, 1, h);
     for (std::size_t t = 0; t < s.q_len; ++t) {
       const std::size_t slot = s.first_pos + t;
-      P::encode(&k(s.q_begin + t, h, 0), s.row(kr, slot, rb), dim);
-      P::encode(&v(s.q_begin + t, h, 0), s.row(vr, slot, rb), dim);
+      encode_row<P>(&k(s.q_begin + t, h, 0), s.row(kr, slot, rb), dim);
+      encode_row<P>(&v(s.q_begin + t, h, 0), s.row(vr, slot, rb), dim);
     }
   });
 }
