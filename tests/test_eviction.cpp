@@ -259,6 +259,10 @@ TEST_CASE("quantized caches under sinks and windows, at every step", "[eviction]
   check_stream<cache<gqa<64>, contiguous, attention_sinks<>, int8_kv<>>>(llama_rope(64), 4, 24, 80);
   check_stream<cache<gqa<64>, paged<>, attention_sinks<>, int4_kv<>>>(llama_rope(64), 3, 21, 80);
   check_stream<cache<gqa<64>, paged<>, sliding_window<>, int8_kv<>>>(llama_rope(64), 0, 33, 60);
+  // A rotated format: prefill decodes its rows back through the transform
+  // where RoPE is applied on read.
+  check_stream<cache<gqa<64>, contiguous, attention_sinks<>, hadamard<int4_kv<>>>>(llama_rope(64),
+                                                                                   4, 24, 80);
   // Groups of 4 query heads: the tile-unit kernels where the CPU has AMX
   // (partial tiles at ring pieces and pages, sinks' own queries).
   check_stream<cache<gqa<>, contiguous, attention_sinks<>, int8_kv<>>>(llama_rope(64), 4, 24, 60, 8,

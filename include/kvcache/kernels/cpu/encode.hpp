@@ -9,8 +9,8 @@
 // roundscale under the default rounding mode, as nearbyint is.
 //
 // `encode_row<P>` is what the cache's write kernel calls: the vector path
-// for a built-in block precision (and hadamard<> of one, whose transform is
-// vectorised the same way), P::encode for everything else.
+// for a built-in block precision (and hadamard<> of one, through
+// rotation.hpp's vector transform), P::encode for everything else.
 #pragma once
 
 #include <cmath>
@@ -21,6 +21,7 @@
 
 #include "../../precision/block.hpp"
 #include "../../precision/rotated.hpp"
+#include "rotation.hpp"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(KVCACHE_NO_SIMD_ENCODE)
 #define KVCACHE_HAS_SIMD_ENCODE 1
@@ -51,12 +52,10 @@ constexpr bool plain_block_encode() noexcept {
 //! P is hadamard<B> with B's encode block_rows' own.
 template <class P>
 constexpr bool rotated_block_encode() noexcept {
-  if constexpr (requires { typename P::rotated_precision; }) {
-    using B = typename P::rotated_precision;
-    return plain_block_encode<B>() && &P::encode == &hadamard<B>::encode;
-  } else {
+  if constexpr (builtin_rotation<P>())
+    return plain_block_encode<typename P::rotated_precision>();
+  else
     return false;
-  }
 }
 
 #if KVCACHE_HAS_SIMD_ENCODE
@@ -188,40 +187,6 @@ KVCACHE_ALWAYS_INLINE void encode_block(const float* x, std::byte* row, std::siz
   if constexpr (F::asymmetric) F::store16(row + F::min_offset(dim) + 2 * b, m);
 }
 
-//! hadamard_transform, the same butterflies in the same order: stages of
-//! length 1 to 8 inside a vector (lane i meets lane i ^ len), longer ones
-//! between vectors. Blocks under 16 elements take the scalar transform.
-inline void hadamard(float* x, std::size_t dim) noexcept {
-  const std::size_t r = hadamard_block(dim);
-  if (r < 16) {
-    hadamard_transform(x, dim);
-    return;
-  }
-  const __m512 norm = _mm512_set1_ps(1.0f / std::sqrt(static_cast<float>(r)));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (std::size_t base = 0; base < dim; base += r) {
-    float* y = x + base;
-    for (std::size_t i = 0; i < r; i += 16) {
-      __m512 a = _mm512_loadu_ps(y + i);
-      for (int len = 1; len < 16; len *= 2) {
-        const __m512 p = _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(len)), a);
-        const __mmask16 upper = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(len));
-        a = _mm512_mask_blend_ps(upper, _mm512_add_ps(a, p), _mm512_sub_ps(p, a));
-      }
-      _mm512_storeu_ps(y + i, a);
-    }
-    for (std::size_t len = 16; len < r; len *= 2)
-      for (std::size_t i = 0; i < r; i += 2 * len)
-        for (std::size_t j = i; j < i + len; j += 16) {
-          const __m512 a = _mm512_loadu_ps(y + j), b = _mm512_loadu_ps(y + j + len);
-          _mm512_storeu_ps(y + j, _mm512_add_ps(a, b));
-          _mm512_storeu_ps(y + j + len, _mm512_sub_ps(a, b));
-        }
-    for (std::size_t i = 0; i < r; i += 16)
-      _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_loadu_ps(y + i), norm));
-  }
-}
-
 template <class F>
 void encode_row(const float* x, std::byte* row, std::size_t dim) noexcept {
   for (std::size_t b = 0; b < dim / F::group; ++b) encode_block<F>(x + b * F::group, row, b, dim);
@@ -241,7 +206,7 @@ void encode_row(const float* src, std::byte* dst, std::size_t dim) noexcept {
   } else if constexpr (rotated_block_encode<P>()) {
     float x[P::max_dim];
     std::memcpy(x, src, dim * sizeof(float));
-    simd_encode::hadamard(x, dim);
+    hadamard_rows(x, dim);
     simd_encode::encode_row<typename P::format>(x, dst, dim);
     return;
   }
