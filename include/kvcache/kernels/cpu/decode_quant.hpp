@@ -615,15 +615,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // streams' tiles are done it is in cache. Quantized rows are read
       // faster than the prefetchers ramp up on 8 streams, and the first
       // touch would otherwise be a gather of scales that stalls on DRAM.
-      // (A prefetch past the page or the item is harmless: it never faults.)
-      // Rows need not start on a line (136 bytes for int8): from the line
-      // holding the tile's first byte, one line more than its size, or the
-      // line holding its last byte would be left to a demand miss.
-      auto line_of = [](const std::byte* p) {
-        return reinterpret_cast<const char*>(p) - reinterpret_cast<std::uintptr_t>(p) % 64;
-      };
-      prefetch_cursor pf{
-          {line_of(K + tile * rb)}, {line_of(V + tile * rb)}, {(tile * rb + 63) / 64 + 1}};
+      prefetch_cursor pf = next_tile_lines(K, V, rb, tile);
       // Spread over the scores' steps (32 epilogue steps on the tile unit,
       // whose 8 value-tile steps come first, so the last lines go out three
       // quarters into the scores; 2 x blocks gathers on VNNI; 2 g query

@@ -30,6 +30,7 @@
 #include "decode_quant.hpp"
 #include "decode_stream.hpp"
 #include "encode.hpp"
+#include "prefetch.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
@@ -219,13 +220,14 @@ void kchan_key_grouped(const seq_view& sv, const kv_layout& L, std::size_t layer
 //! (g, dim) against `read(j, c)` (16 elements of token j), plus bias[h].
 template <std::size_t HB, class Read>
 KVCACHE_ALWAYS_INLINE void kchan_scores(const float* qk, const float* bias, std::size_t n,
-                                        std::size_t g, std::size_t dim, float* sc,
-                                        Read&& read) noexcept {
+                                        std::size_t g, std::size_t dim, float* sc, Read&& read,
+                                        prefetch_cursor& pf) noexcept {
   using namespace simd;
   constexpr std::size_t TOK = lanes / HB;
   const std::size_t nc = dim / lanes;
   for (std::size_t hb = 0; hb < g; hb += HB) {
     for (std::size_t j0 = 0; j0 < quant_tile; j0 += TOK) {
+      pf.issue();
       if (j0 >= n) {
         for (std::size_t h = 0; h < HB; ++h)
           for (std::size_t t = 0; t < TOK; ++t) sc[(hb + h) * quant_tile + j0 + t] = -INFINITY;
@@ -313,11 +315,20 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
     while (s.t < it.end) {
       const std::size_t t = s.t;
       std::size_t n = std::min({quant_tile, it.end - t, sv.run(t)});
+      // The next tile's K and V rows, requested over this tile's score steps
+      // (decode_quant.hpp's cursor): the group's scales are gathered from
+      // all of its rows when the tile starts, which otherwise waits on DRAM
+      // for each row.
+      prefetch_cursor pf = next_tile_lines(sv.row(kr, t, rb), sv.row(vr, t, rb), rb);
+      pf.spread((g / HB) * (quant_tile / (lanes / HB)));
       if (t >= res0) {
         const std::uint16_t* K = res + (t - res0) * dim;
-        kchan_scores<HB>(s.q, nullptr, n, g, dim, sc, [&](std::size_t j, std::size_t c) {
-          return load(reinterpret_cast<const half*>(K + j * dim) + c * lanes);
-        });
+        kchan_scores<HB>(
+            s.q, nullptr, n, g, dim, sc,
+            [&](std::size_t j, std::size_t c) {
+              return load(reinterpret_cast<const half*>(K + j * dim) + c * lanes);
+            },
+            pf);
       } else {
         const std::size_t pos = kchan_position(sv, t), ph = pos % G;
         n = std::min({n, res0 - t, G - ph});
@@ -335,9 +346,9 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
           }
         }
         const std::byte* K = sv.row(kr, t, rb);
-        kchan_scores<HB>(qk, bias, n, g, dim, sc, [&](std::size_t j, std::size_t c) {
-          return kchan_codes16<KF>(K + j * rb, c);
-        });
+        kchan_scores<HB>(
+            qk, bias, n, g, dim, sc,
+            [&](std::size_t j, std::size_t c) { return kchan_codes16<KF>(K + j * rb, c); }, pf);
       }
       quant_softmax(s, g, sc, corr, quant_tile);
       bool done = false;
@@ -348,6 +359,7 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
           done = true;
         }
       if (!done) quant_accumulate<V, D, HB>(s, sv.row(vr, t, rb), rb, n, g, dim, sc, corr);
+      pf.finish();
       s.t += n;
     }
     if constexpr (int_v)

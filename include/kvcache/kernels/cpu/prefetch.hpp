@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 
 #include "../../config.hpp"
 
@@ -42,6 +43,21 @@ struct prefetch_cursor {
     issue();
   }
 };
+
+//! The cursor over the lines of the `tile` rows (row_bytes apart) after the
+//! ones at K and V. Rows need not start on a line (136 bytes for int8): from
+//! the line holding the first byte, one line more than the rows' size, or the
+//! line holding the last byte would be left to a demand miss. (A prefetch
+//! past a page or an item is harmless: it never faults.)
+inline prefetch_cursor next_tile_lines(const std::byte* K, const std::byte* V,
+                                       std::size_t row_bytes, std::size_t tile = 32) noexcept {
+  auto line_of = [](const std::byte* p) {
+    return reinterpret_cast<const char*>(p) - reinterpret_cast<std::uintptr_t>(p) % 64;
+  };
+  return {{line_of(K + tile * row_bytes)},
+          {line_of(V + tile * row_bytes)},
+          {(tile * row_bytes + 63) / 64 + 1}};
+}
 
 }  // namespace detail
 }  // namespace v0
