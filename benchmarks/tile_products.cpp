@@ -127,10 +127,10 @@ void amx_bf16_peak(benchmark::State& state) {
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  _tile_loadd(4, ones[0], 64);
-  _tile_loadd(5, ones[1], 64);
-  _tile_loadd(6, ones[2], 64);
-  _tile_loadd(7, ones[3], 64);
+  KVCACHE_TILE_LOAD(4, ones[0], 64);
+  KVCACHE_TILE_LOAD(5, ones[1], 64);
+  KVCACHE_TILE_LOAD(6, ones[2], 64);
+  KVCACHE_TILE_LOAD(7, ones[3], 64);
   constexpr int kSteps = 1024;
   for (auto _ : state)
     for (int i = 0; i < kSteps; ++i) {
@@ -140,7 +140,7 @@ void amx_bf16_peak(benchmark::State& state) {
       _tile_dpbf16ps(3, 5, 7);
     }
   alignas(64) float sink[256];
-  _tile_stored(0, sink, 64);
+  KVCACHE_TILE_STORE(0, sink, 64);
   benchmark::DoNotOptimize(sink);
   kvcache::detail::amx::release();
   state.counters["gflops"] = benchmark::Counter(

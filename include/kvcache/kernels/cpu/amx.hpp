@@ -44,6 +44,24 @@
 #define KVCACHE_HAS_AMX 0
 #endif
 
+#if KVCACHE_HAS_AMX
+// Tile loads and stores go through these. GCC 12's intrinsics are asm
+// statements that name only the address, so the compiler may move ordinary
+// loads and stores of the same bytes across them: a tile load of rows the
+// kernel has just unpacked, vector loads of a tile it has just stored. The
+// empty asm's memory clobber orders them.
+#define KVCACHE_TILE_LOAD(tile, base, stride) \
+  do {                                        \
+    __asm__ volatile("" ::: "memory");        \
+    _tile_loadd(tile, base, stride);          \
+  } while (0)
+#define KVCACHE_TILE_STORE(tile, base, stride) \
+  do {                                         \
+    _tile_stored(tile, base, stride);          \
+    __asm__ volatile("" ::: "memory");         \
+  } while (0)
+#endif
+
 namespace kvcache {
 inline namespace v0 {
 namespace detail::amx {
@@ -190,7 +208,9 @@ inline void configure() noexcept {
     std::uint8_t rows[16] = {};
   } cfg;
   for (int i = 0; i < 8; ++i) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-  _tile_loadconfig(&cfg);
+  // Not _tile_loadconfig: GCC 12's names only the first 8 bytes as read, and
+  // at -O2 the stores of the shapes were dropped (tileloadd then faulted).
+  __asm__ volatile("ldtilecfg %0" ::"m"(cfg));
 }
 inline void release() noexcept { _tile_release(); }
 
@@ -322,17 +342,17 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
       qm[c] = _mm512_loadu_ps(q.qm(grp, c));
     }
     for (std::size_t c = 0; c < chunks; c += 2) {
-      _tile_loadd(0, A + 64 * c, static_cast<long>(astride));
-      _tile_loadd(2, q.b(grp, c), 64);
+      KVCACHE_TILE_LOAD(0, A + 64 * c, static_cast<long>(astride));
+      KVCACHE_TILE_LOAD(2, q.b(grp, c), 64);
       _tile_zero(4);
       _tile_dpbssd(4, 0, 2);
-      _tile_stored(4, cbuf + 256 * c, 64);
+      KVCACHE_TILE_STORE(4, cbuf + 256 * c, 64);
       if (c + 1 < chunks) {
-        _tile_loadd(1, A + 64 * (c + 1), static_cast<long>(astride));
-        _tile_loadd(3, q.b(grp, c + 1), 64);
+        KVCACHE_TILE_LOAD(1, A + 64 * (c + 1), static_cast<long>(astride));
+        KVCACHE_TILE_LOAD(3, q.b(grp, c + 1), 64);
         _tile_zero(5);
         _tile_dpbssd(5, 1, 3);
-        _tile_stored(5, cbuf + 256 * (c + 1), 64);
+        KVCACHE_TILE_STORE(5, cbuf + 256 * (c + 1), 64);
       }
     }
     __m512 y[16];
@@ -455,23 +475,23 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, const float* p, std::siz
   }
   for (std::size_t c = 0; c < chunks; ++c) {
     const std::int8_t* B = bbuf + c * 2048;
-    _tile_loadd(6, abuf + c * 1024, 64);
-    _tile_loadd(0, B, 64);
-    _tile_loadd(1, B + 512, 64);
-    _tile_loadd(2, B + 1024, 64);
-    _tile_loadd(3, B + 1536, 64);
+    KVCACHE_TILE_LOAD(6, abuf + c * 1024, 64);
+    KVCACHE_TILE_LOAD(0, B, 64);
+    KVCACHE_TILE_LOAD(1, B + 512, 64);
+    KVCACHE_TILE_LOAD(2, B + 1024, 64);
+    KVCACHE_TILE_LOAD(3, B + 1536, 64);
     _tile_zero(4);
     _tile_zero(5);
     _tile_zero(7);
     _tile_dpbssd(4, 6, 0);
     _tile_dpbssd(5, 6, 1);
     _tile_dpbssd(7, 6, 2);
-    _tile_stored(4, cbuf, 64);
+    KVCACHE_TILE_STORE(4, cbuf, 64);
     _tile_zero(4);
     _tile_dpbssd(4, 6, 3);
-    _tile_stored(5, cbuf + 256, 64);
-    _tile_stored(7, cbuf + 512, 64);
-    _tile_stored(4, cbuf + 768, 64);
+    KVCACHE_TILE_STORE(5, cbuf + 256, 64);
+    KVCACHE_TILE_STORE(7, cbuf + 512, 64);
+    KVCACHE_TILE_STORE(4, cbuf + 768, 64);
     for (std::size_t h = 0; h < 4; ++h) {
       const __m512 cr = _mm512_set1_ps(corr[h]), ws = _mm512_set1_ps(wscale[h]);
       for (std::size_t j = 0; j < 4; ++j) {

@@ -195,12 +195,12 @@ inline void split_values(const T* const* rows, std::size_t nk, std::size_t dim, 
 // ((0, 0), (0, 1), (1, 0), (1, 1)), its two A operands in tmm4-5 and its two
 // B operands in tmm6-7, each 16 rows of 64 bytes.
 KVCACHE_ALWAYS_INLINE void load_a(const void* a0, const void* a1, long stride) noexcept {
-  _tile_loadd(4, a0, stride);
-  _tile_loadd(5, a1, stride);
+  KVCACHE_TILE_LOAD(4, a0, stride);
+  KVCACHE_TILE_LOAD(5, a1, stride);
 }
 KVCACHE_ALWAYS_INLINE void load_b(const void* b0, const void* b1, long stride) noexcept {
-  _tile_loadd(6, b0, stride);
-  _tile_loadd(7, b1, stride);
+  KVCACHE_TILE_LOAD(6, b0, stride);
+  KVCACHE_TILE_LOAD(7, b1, stride);
 }
 //! C(i, j) += A(i) B(j) for the block's four tiles.
 KVCACHE_ALWAYS_INLINE void products() noexcept {
@@ -212,17 +212,17 @@ KVCACHE_ALWAYS_INLINE void products() noexcept {
 //! The block's C tiles at c: `right` floats to (0, 1), `down` to (1, 0).
 KVCACHE_ALWAYS_INLINE void load_c(const float* c, long stride, std::size_t right,
                                   std::size_t down) noexcept {
-  _tile_loadd(0, c, stride);
-  _tile_loadd(1, c + right, stride);
-  _tile_loadd(2, c + down, stride);
-  _tile_loadd(3, c + down + right, stride);
+  KVCACHE_TILE_LOAD(0, c, stride);
+  KVCACHE_TILE_LOAD(1, c + right, stride);
+  KVCACHE_TILE_LOAD(2, c + down, stride);
+  KVCACHE_TILE_LOAD(3, c + down + right, stride);
 }
 KVCACHE_ALWAYS_INLINE void store_c(float* c, long stride, std::size_t right,
                                    std::size_t down) noexcept {
-  _tile_stored(0, c, stride);
-  _tile_stored(1, c + right, stride);
-  _tile_stored(2, c + down, stride);
-  _tile_stored(3, c + down + right, stride);
+  KVCACHE_TILE_STORE(0, c, stride);
+  KVCACHE_TILE_STORE(1, c + right, stride);
+  KVCACHE_TILE_STORE(2, c + down, stride);
+  KVCACHE_TILE_STORE(3, c + down + right, stride);
 }
 
 //! St (nk, R) = K Qt for nk keys (a multiple of 32), rows R (a multiple of 32).
