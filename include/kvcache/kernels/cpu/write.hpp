@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../../detail/thread_pool.hpp"
@@ -28,6 +29,20 @@ constexpr bool rejects_non_finite() noexcept {
     return false;
 }
 
+//! Whether x[0..n) are all finite: no element with every exponent bit set.
+//! Tested on the bits, so the loop vectorises; the scalar search for the
+//! element a message names runs only when a row fails (it had been 2% of
+//! int8 prefill, on the calling thread while the pool waited).
+inline bool all_finite(const float* x, std::size_t n) noexcept {
+  std::uint32_t bad = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t u;
+    std::memcpy(&u, x + i, sizeof u);
+    bad |= static_cast<std::uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
+}
+
 //! Throws kvcache::error naming the first non-finite K or V element of the
 //! step (sequence id, layer, token position, KV head, element), before any
 //! row is stored, so a rejected write leaves the cache as it was.
@@ -36,6 +51,14 @@ template <class Appends>
 void check_finite(const kv_layout& L, std::size_t layer, const std::vector<seq_view>& seqs,
                   const Appends& appends, const tensor_view<const float, 3>& k,
                   const tensor_view<const float, 3>& v) {
+  // Rows only are contiguous (views may have any outer strides).
+  bool ok = true;
+  for (const seq_view& s : seqs)
+    for (std::size_t t = 0; t < s.q_len; ++t)
+      for (std::size_t h = 0; h < L.kv_heads; ++h)
+        ok = ok && all_finite(&k(s.q_begin + t, h, 0), L.head_dim) &&
+             all_finite(&v(s.q_begin + t, h, 0), L.head_dim);
+  if (ok) return;
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const seq_view& s = seqs[i];
     for (std::size_t t = 0; t < s.q_len; ++t)
