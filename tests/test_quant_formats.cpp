@@ -272,10 +272,10 @@ TEST_CASE("the vector e4m3 conversion equals the scalar one", "[quant][format]")
 }
 #endif
 
-TEST_CASE("the kernels' vector Hadamard transform equals the scalar one bit for bit",
+TEST_CASE("the vector Hadamard transform equals the scalar butterflies bit for bit",
           "[quant][format]") {
-  STATIC_REQUIRE(detail::builtin_rotation<hadamard<int4_kv<>>>());
-  STATIC_REQUIRE(!detail::builtin_rotation<int4_kv<>>());
+  STATIC_REQUIRE(detail::rotated_block_encode<hadamard<int4_kv<>>>());
+  STATIC_REQUIRE(!detail::rotated_block_encode<int4_kv<>>());
   const auto seed = kvtest::test_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
@@ -283,8 +283,8 @@ TEST_CASE("the kernels' vector Hadamard transform equals the scalar one bit for 
   for (std::size_t dim : {40, 48, 96, 128, 256, 384, 1024}) {
     INFO("dim " << dim);
     auto x = kvtest::normal(rng, dim, 3.f), y = x;
-    detail::hadamard_transform(x.data(), dim);
-    detail::hadamard_rows(y.data(), dim);
+    detail::hadamard_butterflies(x.data(), dim);
+    detail::hadamard_transform(y.data(), dim);
     CHECK(std::memcmp(x.data(), y.data(), dim * sizeof(float)) == 0);
   }
 }

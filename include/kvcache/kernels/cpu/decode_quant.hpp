@@ -30,7 +30,6 @@
 #include "amx.hpp"
 #include "decode_stream.hpp"
 #include "prefetch.hpp"
-#include "rotation.hpp"
 #include "vnni.hpp"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -572,7 +571,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       float* q = qt + i * g * dim;
       for (std::size_t h = 0; h < g; ++h) {
         std::memcpy(q + h * dim, st[i].q + h * dim, dim * sizeof(float));
-        rotate_query<P>(q + h * dim, dim);
+        P::transform_query(q + h * dim, dim);
       }
       st[i].q = q;
     }
@@ -686,7 +685,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   for (std::size_t i = 0; i < count; ++i) {
     finish_stream(st[i], g, dim);
     if constexpr (rotating_precision<P>)
-      for (std::size_t h = 0; h < g; ++h) rotate_output<P>(st[i].o + h * stride, dim);
+      for (std::size_t h = 0; h < g; ++h) P::transform_output(st[i].o + h * stride, dim);
   }
 }
 

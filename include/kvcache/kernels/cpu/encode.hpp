@@ -9,8 +9,8 @@
 // roundscale under the default rounding mode, as nearbyint is.
 //
 // `encode_row<P>` is what the cache's write kernel calls: the vector path
-// for a built-in block precision (and hadamard<> of one, through
-// rotation.hpp's vector transform), P::encode for everything else.
+// for a built-in block precision (and hadamard<> of one, whose transform is
+// vectorised in rotated.hpp), P::encode for everything else.
 #pragma once
 
 #include <cmath>
@@ -21,7 +21,6 @@
 
 #include "../../precision/block.hpp"
 #include "../../precision/rotated.hpp"
-#include "rotation.hpp"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(KVCACHE_NO_SIMD_ENCODE)
 #define KVCACHE_HAS_SIMD_ENCODE 1
@@ -49,11 +48,13 @@ constexpr bool plain_block_encode() noexcept {
   }
 }
 
-//! P is hadamard<B> with B's encode block_rows' own.
+//! P is hadamard<B> itself (not a type derived from it), with B's encode
+//! block_rows' own.
 template <class P>
 constexpr bool rotated_block_encode() noexcept {
-  if constexpr (builtin_rotation<P>())
-    return plain_block_encode<typename P::rotated_precision>();
+  if constexpr (requires { typename P::rotated_precision; })
+    return std::is_same_v<P, hadamard<typename P::rotated_precision>> &&
+           plain_block_encode<typename P::rotated_precision>();
   else
     return false;
 }
@@ -206,7 +207,7 @@ void encode_row(const float* src, std::byte* dst, std::size_t dim) noexcept {
   } else if constexpr (rotated_block_encode<P>()) {
     float x[P::max_dim];
     std::memcpy(x, src, dim * sizeof(float));
-    hadamard_rows(x, dim);
+    hadamard_transform(x, dim);
     simd_encode::encode_row<typename P::format>(x, dst, dim);
     return;
   }

@@ -19,7 +19,6 @@
 #include "../view.hpp"
 #include "amx_bf16.hpp"
 #include "kchan.hpp"
-#include "rotation.hpp"
 #include "rows.hpp"
 
 namespace kvcache {
@@ -203,18 +202,15 @@ inline void rope_row(float* x, const float* cs, std::size_t rotary_dim, bool int
 //! a test holds them to the scalar block functions): int4 prefill attention
 //! at 2048 tokens 2.4 times faster than decoding element by element.
 //! stored_basis: a rotating precision's row as stored (rotated), not decoded
-//! back (prefill then works in the rotated basis, see prefill_item_run);
-//! hadamard<> rows decoded back go through the vector transform.
+//! back (prefill then works in the rotated basis, see prefill_item_run).
 template <class P>
 KVCACHE_ALWAYS_INLINE const float* float_row(const std::byte* src, std::size_t dim, std::size_t rb,
                                              float* buf, bool stored_basis = false) noexcept {
   using namespace simd;
   if constexpr (formatted_precision<P> && !channel_keys<P>) {
-    if (!rotating_precision<P> || stored_basis || builtin_rotation<P>()) {
+    if (!rotating_precision<P> || stored_basis) {
       for (std::size_t c = 0; c < dim / lanes; ++c)
         store(buf + c * lanes, read_row16<P>(src, c, dim));
-      if constexpr (builtin_rotation<P>())
-        if (!stored_basis) hadamard_rows(buf, dim);  // P::decode, bit for bit
       return buf;
     }
   }
@@ -275,7 +271,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
         if constexpr (rotating_precision<P>)
           if (rotated && r < nrows) {  // Kf is free until the first KV tile
             std::copy_n(src[i], dim, Kf + i * dim);
-            rotate_query<P>(Kf + i * dim, dim);
+            P::transform_query(Kf + i * dim, dim);
             src[i] = Kf + i * dim;
           }
       }
@@ -455,7 +451,7 @@ void prefill_item_run(const prefill_args& a, const prefill_item& it, float* scra
     float* dst = &a.out(sv.q_begin + tok, h, 0);
     const float inv = 1.0f / l[r];
     if constexpr (rotating_precision<P>)
-      if (rotated) rotate_output<P>(O + r * dim, dim);
+      if (rotated) P::transform_output(O + r * dim, dim);
     for (std::size_t d = 0; d < dim; ++d) dst[d] = O[r * dim + d] * inv;
     if (!a.lse.empty()) a.lse(sv.q_begin + tok, h) = m[r] + std::log(l[r]);
   }

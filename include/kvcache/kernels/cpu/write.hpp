@@ -51,20 +51,13 @@ template <class Appends>
 void check_finite(const kv_layout& L, std::size_t layer, const std::vector<seq_view>& seqs,
                   const Appends& appends, const tensor_view<const float, 3>& k,
                   const tensor_view<const float, 3>& v) {
-  // Rows only are contiguous (views may have any outer strides).
-  bool ok = true;
-  for (const seq_view& s : seqs)
-    for (std::size_t t = 0; t < s.q_len; ++t)
-      for (std::size_t h = 0; h < L.kv_heads; ++h)
-        ok = ok && all_finite(&k(s.q_begin + t, h, 0), L.head_dim) &&
-             all_finite(&v(s.q_begin + t, h, 0), L.head_dim);
-  if (ok) return;
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const seq_view& s = seqs[i];
     for (std::size_t t = 0; t < s.q_len; ++t)
       for (std::size_t h = 0; h < L.kv_heads; ++h)
         for (std::size_t kind = 0; kind < 2; ++kind) {
           const float* x = kind == 0 ? &k(s.q_begin + t, h, 0) : &v(s.q_begin + t, h, 0);
+          if (all_finite(x, L.head_dim)) continue;  // rows only are contiguous
           for (std::size_t d = 0; d < L.head_dim; ++d)
             require(std::isfinite(x[d]), kind == 0 ? "K" : "V", " of sequence ",
                     static_cast<std::uint64_t>(appends[i].seq), ", layer ", layer, ", token ",
