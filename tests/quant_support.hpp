@@ -57,6 +57,7 @@ struct dequant_driver {
   const outlier_data* outliers = nullptr;
   std::map<kvcache::seq_id, std::vector<float>> k_orig, v_orig, k_deq, v_deq;
   double worst_own = 0, worst_orig = 0;  // over all steps
+  error_sum orig;                        // against the original K/V, whole run
 
   dequant_driver(std::size_t qh, std::size_t kvh, std::size_t d, std::size_t max_tokens,
                  std::uint64_t seed, std::size_t threads = 2)
@@ -122,7 +123,7 @@ struct dequant_driver {
              kvcache::make_view<const float>(v.data(), n, kv_heads, dim));
     kv.attend(0, st, kvcache::make_view<const float>(q.data(), n, q_heads, dim),
               kvcache::make_view(out.data(), n, q_heads, dim));
-    std::vector<double> own(n * q_heads * dim), orig(n * q_heads * dim), lse(n * q_heads);
+    std::vector<double> own(n * q_heads * dim), raw(n * q_heads * dim), lse(n * q_heads);
     std::size_t row = 0;
     std::vector<float> buf(dim);
     for (const auto& a : appends) {
@@ -145,13 +146,14 @@ struct dequant_driver {
                           kv_heads, dim, sc, own.data() + row * q_heads * dim,
                           lse.data() + row * q_heads);
       reference_attention(KO, VO, q.data() + row * q_heads * dim, a.tokens, first, q_heads,
-                          kv_heads, dim, sc, orig.data() + row * q_heads * dim,
+                          kv_heads, dim, sc, raw.data() + row * q_heads * dim,
                           lse.data() + row * q_heads);
       row += a.tokens;
     }
     const double e = rel_l2(out, own);
     worst_own = std::max(worst_own, e);
-    worst_orig = std::max(worst_orig, rel_l2(out, orig));
+    worst_orig = std::max(worst_orig, rel_l2(out, raw));
+    orig.add(out, raw);
     return e;
   }
 };

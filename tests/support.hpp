@@ -4,6 +4,7 @@
 #pragma once
 
 #include <Eigen/Dense>
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -15,6 +16,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <vector>
 
@@ -87,14 +89,52 @@ inline void reference_attention(const std::vector<float>& keys, const std::vecto
   }
 }
 
+//! The error a precision's kernels may add to float64 attention over the
+//! rows the cache stores (read back and decoded): fp32's 1e-5, 1e-4 on the
+//! other float paths, the integer-dot paths' own stated bound
+//! (decode_quant.hpp, kchan.hpp).
+template <class P>
+constexpr double kernel_bound() noexcept {
+  if constexpr (kvcache::block_precision<P>)
+    return std::max(1e-4, kvcache::detail::decode_error_bound<P>());
+  else if constexpr (kvcache::detail::channel_keys<P>)
+    return std::max(1e-4, kvcache::detail::kchan_error_bound<P>());
+  else if constexpr (std::is_same_v<P, kvcache::fp32>)
+    return P::tolerance;
+  else
+    return 1e-4;
+}
+
+//! Accumulates squared error and squared reference over many outputs: the
+//! relative L2 error of a whole run. A format's error against the original
+//! K/V is checked this way, over thousands of outputs, because one decode
+//! step's few outputs scatter widely around it (a check per step would fail
+//! by chance on some seed).
+struct error_sum {
+  double num = 0, den = 0;
+  void add(const std::vector<float>& got, const std::vector<double>& want) {
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      num += std::isfinite(got[i]) ? (got[i] - want[i]) * (got[i] - want[i])
+                                   : std::numeric_limits<double>::infinity();
+      den += want[i] * want[i];
+    }
+  }
+  double error() const { return std::sqrt(num / den); }
+};
+
 //! Drives a cache and the float64 reference through the same steps, keeping
-//! full-precision copies of every appended K and V.
+//! full-precision copies of every appended K and V and the rows the cache
+//! stores for them, decoded (equal to the copies for fp32).
 template <class Cache>
 struct harness {
+  using P = typename Cache::precision;
+  static constexpr bool exact = std::is_same_v<P, kvcache::fp32>;
   Cache kv;
   std::mt19937_64 rng;
   std::size_t layers, q_heads, kv_heads, dim;
   std::map<kvcache::seq_id, std::vector<std::vector<float>>> keys, values;  // per layer
+  std::map<kvcache::seq_id, std::vector<std::vector<float>>> dkeys, dvalues;
+  error_sum orig;  // against the original K/V, over every step and layer
 
   explicit harness(const kvcache::cache_config& cfg, std::uint64_t seed)
       : kv(cfg),
@@ -106,43 +146,45 @@ struct harness {
 
   kvcache::seq_id add(std::size_t capacity = 0) {
     auto s = kv.add_sequence(capacity);
-    keys[s].assign(layers, {});
-    values[s].assign(layers, {});
+    for (auto* m : {&keys, &values, &dkeys, &dvalues}) (*m)[s].assign(layers, {});
     return s;
   }
 
   //! Model side of the cache's sequence operations (paged storage).
   kvcache::seq_id fork(kvcache::seq_id s) {
     auto c = kv.fork(s);
-    keys[c] = keys[s];
-    values[c] = values[s];
+    for (auto* m : {&keys, &values, &dkeys, &dvalues}) (*m)[c] = (*m)[s];
     return c;
   }
   void truncate(kvcache::seq_id s, std::size_t n) {
     kv.truncate(s, n);
-    for (auto* m : {&keys, &values})
+    for (auto* m : {&keys, &values, &dkeys, &dvalues})
       for (auto& layer : (*m)[s]) layer.resize(n * kv_heads * dim);
   }
   void remove(kvcache::seq_id s) {
     kv.remove_sequence(s);
-    keys.erase(s);
-    values.erase(s);
+    for (auto* m : {&keys, &values, &dkeys, &dvalues}) m->erase(s);
   }
 
   struct result {
     std::vector<float> out, lse;  // (tokens, q_heads, dim), (tokens, q_heads)
     std::vector<double> ref, ref_lse;
-    double worst = 0, worst_lse = 0;  // over all layers
+    double worst = 0, worst_lse = 0;          // against the original K/V, over all layers
+    double worst_own = 0, worst_own_lse = 0;  // against the stored rows
     double error() const { return worst; }
     double lse_error() const { return worst_lse; }
+    //! The kernels' own error: against float64 attention over the stored rows.
+    double own_error() const { return worst_own; }
+    double own_lse_error() const { return worst_own_lse; }
   };
 
   //! Runs one step over every layer; returns the last layer's outputs and
-  //! reference. Inputs are fresh random values.
+  //! reference (original K/V). Inputs are fresh random values.
   result run(std::vector<kvcache::append> appends, float scale = 0.f) {
     auto st = kv.begin_step(appends);
     const std::size_t n = st.tokens();
     result r;
+    std::vector<float> buf(dim);
     for (std::size_t l = 0; l < layers; ++l) {
       auto k = normal(rng, n * kv_heads * dim), v = normal(rng, n * kv_heads * dim);
       auto q = normal(rng, n * q_heads * dim);
@@ -155,6 +197,7 @@ struct harness {
                 {.scale = scale, .lse = kvcache::make_view(r.lse.data(), n, q_heads)});
       r.ref.assign(n * q_heads * dim, 0);
       r.ref_lse.assign(n * q_heads, 0);
+      std::vector<double> own(n * q_heads * dim), own_lse(n * q_heads);
       std::size_t row = 0;
       for (const auto& a : appends) {
         auto& K = keys[a.seq][l];
@@ -168,10 +211,36 @@ struct harness {
         reference_attention(K, V, q.data() + row * q_heads * dim, a.tokens, first, q_heads,
                             kv_heads, dim, sc, r.ref.data() + row * q_heads * dim,
                             r.ref_lse.data() + row * q_heads);
+        if constexpr (!exact) {
+          auto& DK = dkeys[a.seq][l];
+          auto& DV = dvalues[a.seq][l];
+          // Per-channel keys are requantized once, when their residual
+          // flushes: the rows since the last flush are read again.
+          std::size_t from = first;
+          if constexpr (kvcache::detail::channel_keys<P>) from -= first % P::residual;
+          DK.resize(from * kv_heads * dim);
+          DV.resize(first * kv_heads * dim);
+          for (std::size_t t = from; t < first + a.tokens; ++t)
+            for (std::size_t kind = 0; kind < 2; ++kind) {
+              if (kind == 1 && t < first) continue;
+              for (std::size_t h = 0; h < kv_heads; ++h) {
+                kv.read_row(l, a.seq, t, kind, h, buf.data());
+                auto& dst = kind == 0 ? DK : DV;
+                dst.insert(dst.end(), buf.begin(), buf.end());
+              }
+            }
+          reference_attention(DK, DV, q.data() + row * q_heads * dim, a.tokens, first, q_heads,
+                              kv_heads, dim, sc, own.data() + row * q_heads * dim,
+                              own_lse.data() + row * q_heads);
+        }
         row += a.tokens;
       }
+      if constexpr (exact) own = r.ref, own_lse = r.ref_lse;
       r.worst = std::max(r.worst, rel_l2(r.out, r.ref));
       r.worst_lse = std::max(r.worst_lse, rel_l2(r.lse, r.ref_lse));
+      r.worst_own = std::max(r.worst_own, rel_l2(r.out, own));
+      r.worst_own_lse = std::max(r.worst_own_lse, rel_l2(r.lse, own_lse));
+      orig.add(r.out, r.ref);
     }
     return r;
   }
