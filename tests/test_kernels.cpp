@@ -4,6 +4,7 @@
 #include <cstring>
 #include <kvcache/kernels/merge.hpp>
 #include <kvcache/merge.hpp>
+#include <set>
 
 #include "support.hpp"
 
@@ -100,6 +101,29 @@ TEMPLATE_TEST_CASE("prefill on the tile unit equals the FMA kernel", "[kernels][
 TEST_CASE("a build for AMX-BF16 runs prefill on the tile unit", "[kernels][amx]") {
   if (KVCACHE_HAS_AMX_BF16) CHECK(detail::amx_bf16::usable(64, 128));
   CHECK_FALSE(detail::amx_bf16::usable(48, 128));  // rows in pairs of 16
+}
+
+TEST_CASE("a tile's prefetches request every line once, each run's first lines first",
+          "[kernels][prefetch]") {
+  // Addresses only: the cursor is never told to prefetch here.
+  std::vector<char> buf(4 * 100 * 64);
+  const char *k0 = buf.data(), *k1 = k0 + 100 * 64, *v0 = k1 + 100 * 64, *v1 = v0 + 100 * 64;
+  for (auto [n0, n1] : std::vector<std::pair<std::size_t, std::size_t>>{
+           {64, 64}, {64, 0}, {64, 10}, {10, 64}, {1, 1}, {3, 0}, {0, 0}}) {
+    INFO("runs of " << n0 << " and " << n1 << " lines");
+    detail::prefetch_cursor c{{k0, k1}, {v0, v1}, {n0, n1}};
+    std::multiset<const char*> want, got;
+    for (std::size_t j = 0; j < n0; ++j) want.insert({k0 + j * 64, v0 + j * 64});
+    for (std::size_t j = 0; j < n1; ++j) want.insert({k1 + j * 64, v1 + j * 64});
+    for (std::size_t i = 0; i < 2 * c.total(); ++i) got.insert(c.line(i));
+    CHECK(got == want);
+    if (n0 && n1) {
+      CHECK(c.line(0) == k0);
+      CHECK(c.line(1) == v0);
+      CHECK(c.line(2) == k1);
+      CHECK(c.line(3) == v1);
+    }
+  }
 }
 
 TEST_CASE("1 and 2 threads give identical results", "[kernels][threads]") {
