@@ -214,8 +214,8 @@ struct harness {
         if constexpr (!exact) {
           auto& DK = dkeys[a.seq][l];
           auto& DV = dvalues[a.seq][l];
-          // Per-channel keys are requantized once, when their residual
-          // flushes: the rows since the last flush are read again.
+          // Per-channel keys stay fp16 until their residual flushes and
+          // are quantized then: the rows since the last flush are read again.
           std::size_t from = first;
           if constexpr (kvcache::detail::channel_keys<P>) from -= first % P::residual;
           DK.resize(from * kv_heads * dim);
