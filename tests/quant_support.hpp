@@ -74,21 +74,6 @@ struct dequant_driver {
 
   kvcache::seq_id add(std::size_t capacity) { return kv.add_sequence(capacity); }
 
-  //! Per-channel keys change when their residual is quantized: the decoded
-  //! keys of positions [first - first % R, first) are read again.
-  void reread_keys(kvcache::seq_id s, std::size_t first) {
-    using P = typename Cache::precision;
-    if constexpr (kvcache::detail::channel_keys<P>) {
-      auto& KD = k_deq[s];
-      std::vector<float> buf(dim);
-      for (std::size_t t = first / P::residual * P::residual; t < first; ++t)
-        for (std::size_t h = 0; h < kv_heads; ++h) {
-          kv.read_row(0, s, t, 0, h, buf.data());
-          std::copy(buf.begin(), buf.end(), KD.begin() + (t * kv_heads + h) * dim);
-        }
-    }
-  }
-
   //! Appends n tokens through write() alone (what a prefill leaves in the
   //! cache, without paying for its attention).
   void fill(kvcache::seq_id s, std::size_t n) {
@@ -101,15 +86,7 @@ struct dequant_driver {
     const std::size_t first = KO.size() / (kv_heads * dim);
     KO.insert(KO.end(), k.begin(), k.end());
     VO.insert(VO.end(), v.begin(), v.end());
-    std::vector<float> buf(dim);
-    reread_keys(s, first);
-    for (std::size_t t = first; t < first + n; ++t)
-      for (std::size_t kind = 0; kind < 2; ++kind)
-        for (std::size_t h = 0; h < kv_heads; ++h) {
-          kv.read_row(0, s, t, kind, h, buf.data());
-          auto& dst = kind == 0 ? KD : VD;
-          dst.insert(dst.end(), buf.begin(), buf.end());
-        }
+    read_stored(kv, 0, s, first, n, KD, VD);
   }
 
   //! One step; returns the relative L2 error against the decoded rows.
@@ -125,22 +102,14 @@ struct dequant_driver {
               kvcache::make_view(out.data(), n, q_heads, dim));
     std::vector<double> own(n * q_heads * dim), raw(n * q_heads * dim), lse(n * q_heads);
     std::size_t row = 0;
-    std::vector<float> buf(dim);
     for (const auto& a : appends) {
       auto &KO = k_orig[a.seq], &VO = v_orig[a.seq], &KD = k_deq[a.seq], &VD = v_deq[a.seq];
       const std::size_t first = KO.size() / (kv_heads * dim);
-      reread_keys(a.seq, first);
       KO.insert(KO.end(), k.begin() + row * kv_heads * dim,
                 k.begin() + (row + a.tokens) * kv_heads * dim);
       VO.insert(VO.end(), v.begin() + row * kv_heads * dim,
                 v.begin() + (row + a.tokens) * kv_heads * dim);
-      for (std::size_t t = first; t < first + a.tokens; ++t)
-        for (std::size_t kind = 0; kind < 2; ++kind)
-          for (std::size_t h = 0; h < kv_heads; ++h) {
-            kv.read_row(0, a.seq, t, kind, h, buf.data());
-            auto& dst = kind == 0 ? KD : VD;
-            dst.insert(dst.end(), buf.begin(), buf.end());
-          }
+      read_stored(kv, 0, a.seq, first, a.tokens, KD, VD);
       const double sc = 1.0 / std::sqrt(double(dim));
       reference_attention(KD, VD, q.data() + row * q_heads * dim, a.tokens, first, q_heads,
                           kv_heads, dim, sc, own.data() + row * q_heads * dim,

@@ -45,15 +45,29 @@ inline std::vector<float> poisoned(std::size_t n) {
   return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN());
 }
 
-//! Relative L2 error; NaN anywhere in `got` gives +inf.
-inline double rel_l2(const std::vector<float>& got, const std::vector<double>& want) {
+//! Accumulates squared error and squared reference over many outputs: the
+//! relative L2 error of a whole run. A format's error against the original
+//! K/V is checked this way, over thousands of outputs, because one decode
+//! step's few outputs scatter widely around it (a check per step would fail
+//! by chance on some seed).
+struct error_sum {
   double num = 0, den = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
-    num += (got[i] - want[i]) * (got[i] - want[i]);
-    den += want[i] * want[i];
+  void add(const std::vector<float>& got, const std::vector<double>& want) {
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      // NaN or Inf in `got` makes the error +inf.
+      num += std::isfinite(got[i]) ? (got[i] - want[i]) * (got[i] - want[i])
+                                   : std::numeric_limits<double>::infinity();
+      den += want[i] * want[i];
+    }
   }
-  return std::sqrt(num / den);
+  double error() const { return std::sqrt(num / den); }
+};
+
+//! Relative L2 error of one set of outputs; NaN anywhere in `got` gives +inf.
+inline double rel_l2(const std::vector<float>& got, const std::vector<double>& want) {
+  error_sum e;
+  e.add(got, want);
+  return e.error();
 }
 
 //! Float64 causal attention of one sequence. keys/values: (tokens, kv_heads, dim)
@@ -105,22 +119,26 @@ constexpr double kernel_bound() noexcept {
     return 1e-4;
 }
 
-//! Accumulates squared error and squared reference over many outputs: the
-//! relative L2 error of a whole run. A format's error against the original
-//! K/V is checked this way, over thousands of outputs, because one decode
-//! step's few outputs scatter widely around it (a check per step would fail
-//! by chance on some seed).
-struct error_sum {
-  double num = 0, den = 0;
-  void add(const std::vector<float>& got, const std::vector<double>& want) {
-    for (std::size_t i = 0; i < got.size(); ++i) {
-      num += std::isfinite(got[i]) ? (got[i] - want[i]) * (got[i] - want[i])
-                                   : std::numeric_limits<double>::infinity();
-      den += want[i] * want[i];
+//! Brings keys / values (tokens, kv_heads, dim), the decoded stored rows of
+//! (layer, s) for its first `first` tokens, up to first + n: reads the new
+//! tokens' rows back, and per-channel keys since the last residual flush
+//! again (they stay fp16 until it flushes and are quantized then). Full
+//! eviction: a token's cache index is its position.
+template <class Cache>
+void read_stored(const Cache& kv, std::size_t layer, kvcache::seq_id s, std::size_t first,
+                 std::size_t n, std::vector<float>& keys, std::vector<float>& values) {
+  using P = typename Cache::precision;
+  const std::size_t kvh = kv.layout().kv_heads, dim = kv.layout().head_dim;
+  std::size_t from = first;
+  if constexpr (kvcache::detail::channel_keys<P>) from -= first % P::residual;
+  keys.resize((first + n) * kvh * dim);
+  values.resize((first + n) * kvh * dim);
+  for (std::size_t t = from; t < first + n; ++t)
+    for (std::size_t h = 0; h < kvh; ++h) {
+      kv.read_row(layer, s, t, 0, h, keys.data() + (t * kvh + h) * dim);
+      if (t >= first) kv.read_row(layer, s, t, 1, h, values.data() + (t * kvh + h) * dim);
     }
-  }
-  double error() const { return std::sqrt(num / den); }
-};
+}
 
 //! Drives a cache and the float64 reference through the same steps, keeping
 //! full-precision copies of every appended K and V and the rows the cache
@@ -184,7 +202,6 @@ struct harness {
     auto st = kv.begin_step(appends);
     const std::size_t n = st.tokens();
     result r;
-    std::vector<float> buf(dim);
     for (std::size_t l = 0; l < layers; ++l) {
       auto k = normal(rng, n * kv_heads * dim), v = normal(rng, n * kv_heads * dim);
       auto q = normal(rng, n * q_heads * dim);
@@ -214,21 +231,7 @@ struct harness {
         if constexpr (!exact) {
           auto& DK = dkeys[a.seq][l];
           auto& DV = dvalues[a.seq][l];
-          // Per-channel keys stay fp16 until their residual flushes and
-          // are quantized then: the rows since the last flush are read again.
-          std::size_t from = first;
-          if constexpr (kvcache::detail::channel_keys<P>) from -= first % P::residual;
-          DK.resize(from * kv_heads * dim);
-          DV.resize(first * kv_heads * dim);
-          for (std::size_t t = from; t < first + a.tokens; ++t)
-            for (std::size_t kind = 0; kind < 2; ++kind) {
-              if (kind == 1 && t < first) continue;
-              for (std::size_t h = 0; h < kv_heads; ++h) {
-                kv.read_row(l, a.seq, t, kind, h, buf.data());
-                auto& dst = kind == 0 ? DK : DV;
-                dst.insert(dst.end(), buf.begin(), buf.end());
-              }
-            }
+          read_stored(kv, l, a.seq, first, a.tokens, DK, DV);
           reference_attention(DK, DV, q.data() + row * q_heads * dim, a.tokens, first, q_heads,
                               kv_heads, dim, sc, own.data() + row * q_heads * dim,
                               own_lse.data() + row * q_heads);

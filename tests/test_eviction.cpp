@@ -127,20 +127,17 @@ struct window_model {
     DV.resize(V[s][l].size());
     std::size_t from = L;
     if constexpr (detail::channel_keys<P>) from -= L % P::residual;
-    std::vector<float> buf(dim);
     std::vector<double> x(dim);
     for (auto c = std::size_t(std::lower_bound(list.begin(), list.end(), from) - list.begin());
          c < list.size(); ++c)
       for (std::size_t kind = 0; kind < 2; ++kind)
         for (std::size_t h = 0; h < kvh; ++h) {
-          kv.read_row(l, s, c, kind, h, buf.data());
           float* dst = (kind == 0 ? DK : DV).data() + (list[c] * kvh + h) * dim;
+          kv.read_row(l, s, c, kind, h, dst);
           if (kind == 0 && stored_rotated) {
-            std::copy(buf.begin(), buf.end(), x.begin());
+            std::copy(dst, dst + dim, x.begin());
             ref_rotate(x.data(), list[c], rope, freqs, true);
             std::copy(x.begin(), x.end(), dst);
-          } else {
-            std::copy(buf.begin(), buf.end(), dst);
           }
         }
   }

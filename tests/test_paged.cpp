@@ -3,7 +3,7 @@
 // remove, beam reordering; prefix reuse with LRU eviction and forced hash
 // collisions; cascade attention; exact memory; errors with the strong
 // guarantee.
-#include "support.hpp"
+#include "test_attention.hpp"
 
 using namespace kvcache;
 using Catch::Matchers::Contains;
@@ -57,31 +57,14 @@ TEST_CASE("paged attention matches the float64 reference at page sizes 1, 16, 64
           "[paged][attention]") {
   const auto seed = kvtest::test_seed();
   INFO("seed " << seed << " (set KVCACHE_TEST_SEED to reproduce)");
-  // Each step within the kernels' bound over the stored rows; the whole run
-  // within the precision's tolerance against the original K/V.
-  auto suite = [](auto& h) {
-    using P = typename std::decay_t<decltype(h)>::P;
-    const double kb = kvtest::kernel_bound<P>();
-    auto check = [&](const auto& r) {
-      CHECK(r.own_error() <= kb);
-      CHECK(r.own_lse_error() <= kb / 10);
-    };
-    auto a = h.add(600), b = h.add(600), c = h.add(600);
-    check(h.run({{a, 70}, {b, 5}, {c, 1}}));    // ragged prefill
-    check(h.run({{a, 33}, {b, 130}, {c, 1}}));  // chunked prefill across page boundaries
-    for (int i = 0; i < 3; ++i) check(h.run({{a, 1}, {b, 1}, {c, 1}}));
-    check(h.run({{c, 400}}));
-    check(h.run({{a, 1}, {c, 1}}, 0.05f));
-    CHECK(h.orig.error() <= P::tolerance);
-  };
   for (std::size_t pt : {1, 16, 64, 256}) {
     INFO("page_tokens " << pt);
     kvtest::harness<dyn32> h(config(pt), seed + pt);
-    suite(h);
+    kvtest::attention_steps(h);
     CHECK(h.kv.store().page_tokens() == pt);
   }
   kvtest::harness<pg16> h(config(0), seed);
-  suite(h);
+  kvtest::attention_steps(h);
 }
 
 TEST_CASE("fork shares every page and copies a shared partial page on first write",
