@@ -86,24 +86,29 @@ constexpr bool supported_shape(std::size_t dim, std::size_t g) noexcept {
 inline constexpr std::size_t query_bytes(std::size_t g, std::size_t dim) noexcept {
   return (g / 4) * (dim / 64) * (1024 + 128);
 }
+//! Tokens of a decode tile on the tile unit: weight rows of 64 tokens (the
+//! whole 64-byte row of an A tile, so a value tile is 16 rows of 4 tokens),
+//! scores in 16-token quarters. Larger tiles halve what P.V pays once per
+//! tile (the C tiles' round trip and epilogue, the softmax's reductions).
+inline constexpr std::size_t tile_tokens = 64;
+
 //! The per-task scratch of the tile kernels, in one place: unpacked key rows
-//! (32 x dim), C tiles (4 KiB), P.V's weight tiles (dim / 64 KiB; bytes
-//! 32-63 of every row zero, see tile_values) and value tiles (dim / 64 x
-//! 2 KiB, and 512 readable bytes after them).
+//! (tile_tokens x dim), C tiles (4 KiB), P.V's weight tiles (dim / 64 KiB)
+//! and value tiles (dim / 64 x 4 KiB).
 struct tile_scratch {
   std::byte* base = nullptr;
   std::size_t dim = 0;
   static constexpr std::size_t bytes(std::size_t dim) noexcept {
-    return 32 * dim + 4096 + dim / 64 * 1024 + dim / 64 * 2048 + 512;
+    return tile_tokens * dim + 4096 + dim / 64 * 1024 + dim / 64 * 4096;
   }
   std::int8_t* keys() const noexcept { return reinterpret_cast<std::int8_t*>(base); }
-  std::int32_t* c() const noexcept { return reinterpret_cast<std::int32_t*>(base + 32 * dim); }
+  std::int32_t* c() const noexcept {
+    return reinterpret_cast<std::int32_t*>(base + tile_tokens * dim);
+  }
   std::int8_t* weights() const noexcept {
-    return reinterpret_cast<std::int8_t*>(base + 32 * dim + 4096);
+    return reinterpret_cast<std::int8_t*>(base + tile_tokens * dim + 4096);
   }
   std::int8_t* values() const noexcept { return weights() + dim / 64 * 1024; }
-  //! Zeroes the weight tiles' padding once per task.
-  void clear_weights() const noexcept { std::memset(weights(), 0, dim / 64 * 1024); }
 };
 
 //! A tile's key rows as A tiles: signed levels, `stride` bytes apart.
@@ -219,7 +224,18 @@ inline void release() noexcept { _tile_release(); }
 //! packed formats, whose unpacking works on 128 elements (c even).
 template <class F>
 inline constexpr std::size_t chunks_per_unpack = F::bits == 8 ? 1 : 2;
+//! What P.V subtracts from an asymmetric format's codes (the middle of their
+//! range; value = scale (code - centre) + (min + centre scale)): the
+//! weights' rounding error is multiplied by the levels, and centred levels
+//! are about half the size of the codes. Symmetric formats' levels are
+//! centred already.
 template <class F>
+constexpr int value_centre() noexcept {
+  return F::kind == block_kind::int4_asym ? 8 : F::kind == block_kind::int2_asym ? 2 : 0;
+}
+//! (`centre` is subtracted from asymmetric codes: value_centre for values,
+//! 0 for keys, whose min terms take the codes as stored.)
+template <class F, int centre = 0>
 KVCACHE_ALWAYS_INLINE void row_levels(const std::uint8_t* codes, std::size_t c,
                                       __m512i* out) noexcept {
   if constexpr (F::bits == 8) {
@@ -229,9 +245,10 @@ KVCACHE_ALWAYS_INLINE void row_levels(const std::uint8_t* codes, std::size_t c,
     const __m512i x = _mm512_loadu_si512(codes + 32 * c);
     const __m512i m = _mm512_set1_epi8(0x0f);
     __m512i lo = _mm512_and_si512(x, m), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
-    if constexpr (F::kind == block_kind::int4_sym) {
-      lo = _mm512_sub_epi8(lo, _mm512_set1_epi8(8));
-      hi = _mm512_sub_epi8(hi, _mm512_set1_epi8(8));
+    if constexpr (F::kind == block_kind::int4_sym || centre != 0) {
+      const __m512i mid = _mm512_set1_epi8(F::kind == block_kind::int4_sym ? 8 : centre);
+      lo = _mm512_sub_epi8(lo, mid);
+      hi = _mm512_sub_epi8(hi, mid);
     }
     out[0] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi);
     out[1] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi);
@@ -245,6 +262,10 @@ KVCACHE_ALWAYS_INLINE void row_levels(const std::uint8_t* codes, std::size_t c,
     const __m512i b23 = _mm512_permutexvar_epi64(_mm512_setr_epi64(2, 2, 2, 2, 3, 3, 3, 3), x);
     out[0] = _mm512_and_si512(_mm512_srlv_epi64(b01, shifts), m);
     out[1] = _mm512_and_si512(_mm512_srlv_epi64(b23, shifts), m);
+    if constexpr (centre != 0) {
+      out[0] = _mm512_sub_epi8(out[0], _mm512_set1_epi8(centre));
+      out[1] = _mm512_sub_epi8(out[1], _mm512_set1_epi8(centre));
+    }
   }
 }
 
@@ -301,15 +322,16 @@ KVCACHE_ALWAYS_INLINE void heads_by_token(const __m512* y, __m512* out) noexcept
 }
 
 //! Where a tile's key rows are read as A tiles: full int8 tiles in place,
-//! any other tile unpacked to 32 rows (rows past n repeat row n - 1) in abuf
-//! (32 x dim bytes). Unpacking is a separate step so that the kernel can do
-//! other work before the tile loads: a tile load of bytes that vector
-//! stores have just written waits for them to reach the cache (~80 cycles).
+//! any other tile's 16-row quarters that hold rows unpacked (rows past n
+//! repeat row n - 1) in abuf (tile_tokens x dim bytes). Unpacking is a
+//! separate step so that the kernel can do other work before the tile loads:
+//! a tile load of bytes that vector stores have just written waits for them
+//! to reach the cache (~80 cycles).
 template <class F>
 KVCACHE_ALWAYS_INLINE key_rows unpack_keys(const std::byte* K, std::size_t rb, std::size_t n,
                                            std::size_t dim, std::int8_t* abuf) noexcept {
-  if (F::bits == 8 && n == 32) return {reinterpret_cast<const std::int8_t*>(K), rb};
-  for (std::size_t t = 0; t < 32; ++t)
+  if (F::bits == 8 && n == tile_tokens) return {reinterpret_cast<const std::int8_t*>(K), rb};
+  for (std::size_t t = 0; t < (n + 15) / 16 * 16; ++t)
     unpack_row<F>(reinterpret_cast<const std::uint8_t*>(K + std::min(t, n - 1) * rb), dim,
                   abuf + t * dim);
   return {abuf, dim};
@@ -387,111 +409,131 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
 // The contraction runs over tokens, so the weights are the A tile: each
 // softmax weight times its token's block scale, rounded against the head's
 // largest such product to two bytes, w ~= ws (hi + lo / 256) (relative error
-// near 2^-16, as the VNNI path's int16 weights). A row m = 8 sl + 2 h + p
-// holds part p of head h for segment sl of a 64-dimension chunk, over the
-// tile's 32 tokens; its other 32 bytes stay zero, so every tile has one
-// shape (16 rows of 64 bytes) and the B tiles' rows 8-15 (whatever follows
-// in the buffer) are multiplied by zero. The values are the B tile: four tokens' bytes interleaved
-// per dimension (unpacklo/hi of bytes, then of words), which leaves column n
-// of B tile j of chunk c holding dimension 64 c + 16 (n / 4) + 4 j + n % 4:
-// columns 0-7 lie in the chunk's first segment and 8-15 in its second, so
-// one C tile serves both segments (rows of the other segment are unused),
-// and the outputs are kept in this order until the item ends
-// (unpermute_output). Asymmetric formats' mins are summed by the caller
-// (vnni.hpp's running min terms).
+// near 2^-16, as the VNNI path's int16 weights). A row m = 8 sl + 2 h + p holds
+// part p of head h for segment sl of a 64-dimension chunk, over 64 tokens
+// (one subtile) in weight_token's order. The values are the B tile: four
+// tokens' bytes interleaved per dimension (unpacklo/hi of bytes, then of
+// words), which leaves column n of B tile j of chunk c holding dimension
+// 64 c + 16 (n / 4) + 4 j + n % 4: columns 0-7 lie in the chunk's first
+// segment and 8-15 in its second, so one C tile serves both segments (rows
+// of the other segment are unused), and the outputs are kept in this order
+// until the item ends (unpermute_output). Asymmetric formats' levels are
+// centred (value_centre), and their mins, with the centre's share, are
+// summed by the caller (vnni.hpp's running min terms).
 
-//! Value tiles of up to 32 rows (n valid; rows past n repeat row n - 1, their
-//! weights are 0) into bbuf: (dim / 64 chunks, 4 tiles, 8 rows, 64 bytes).
+//! The first of the four tokens (of a 64-token subtile) whose weights dword
+//! k of a weight row holds: tile_values packs four 16-token vectors per
+//! 128-bit lane, so dword k is token 16 (k % 4) + 4 (k / 4) and the three
+//! after it. Row k of a value tile holds the same tokens.
+constexpr std::size_t weight_token(std::size_t k) noexcept { return 16 * (k % 4) + 4 * (k / 4); }
+
+//! Value tiles of a tile's rows (n valid, n <= tile_tokens; rows past n
+//! repeat row n - 1) into bbuf: (subtile, dim / 64 chunks, 4 tiles of 16
+//! rows of 64 bytes). Rows whose four tokens all lie past n are left as they
+//! are: their weights are 0.
 template <class F>
 KVCACHE_ALWAYS_INLINE void value_tiles(const std::byte* V, std::size_t rb, std::size_t n,
                                        std::size_t dim, std::int8_t* bbuf,
                                        detail::prefetch_cursor& pf) noexcept {
-  for (std::size_t q = 0; q < 8; ++q) {
-    pf.issue();
-    const std::uint8_t* r[4];
-    for (std::size_t i = 0; i < 4; ++i)
-      r[i] = reinterpret_cast<const std::uint8_t*>(V + std::min(4 * q + i, n - 1) * rb);
-    constexpr std::size_t per = chunks_per_unpack<F>;
-    for (std::size_t c0 = 0; c0 < dim / 64; c0 += per) {
-      __m512i x[4][per];
-      for (std::size_t i = 0; i < 4; ++i) row_levels<F>(r[i], c0, x[i]);
-      for (std::size_t k = 0; k < per; ++k) {
-        const __m512i a0 = _mm512_unpacklo_epi8(x[0][k], x[1][k]);
-        const __m512i a1 = _mm512_unpackhi_epi8(x[0][k], x[1][k]);
-        const __m512i b0 = _mm512_unpacklo_epi8(x[2][k], x[3][k]);
-        const __m512i b1 = _mm512_unpackhi_epi8(x[2][k], x[3][k]);
-        std::int8_t* out = bbuf + (c0 + k) * 2048 + q * 64;
-        _mm512_storeu_si512(out, _mm512_unpacklo_epi16(a0, b0));
-        _mm512_storeu_si512(out + 512, _mm512_unpackhi_epi16(a0, b0));
-        _mm512_storeu_si512(out + 1024, _mm512_unpacklo_epi16(a1, b1));
-        _mm512_storeu_si512(out + 1536, _mm512_unpackhi_epi16(a1, b1));
+  const std::size_t chunks = dim / 64;
+  for (std::size_t u = 0; 64 * u < tile_tokens; ++u)
+    for (std::size_t q = 0; q < 16; ++q) {
+      pf.issue();
+      const std::size_t t0 = 64 * u + weight_token(q);
+      if (t0 >= n) continue;
+      const std::uint8_t* r[4];
+      for (std::size_t i = 0; i < 4; ++i)
+        r[i] = reinterpret_cast<const std::uint8_t*>(V + std::min(t0 + i, n - 1) * rb);
+      constexpr std::size_t per = chunks_per_unpack<F>;
+      for (std::size_t c0 = 0; c0 < chunks; c0 += per) {
+        __m512i x[4][per];
+        for (std::size_t i = 0; i < 4; ++i) row_levels<F, value_centre<F>()>(r[i], c0, x[i]);
+        for (std::size_t k = 0; k < per; ++k) {
+          const __m512i a0 = _mm512_unpacklo_epi8(x[0][k], x[1][k]);
+          const __m512i a1 = _mm512_unpackhi_epi8(x[0][k], x[1][k]);
+          const __m512i b0 = _mm512_unpacklo_epi8(x[2][k], x[3][k]);
+          const __m512i b1 = _mm512_unpackhi_epi8(x[2][k], x[3][k]);
+          std::int8_t* out = bbuf + (u * chunks + c0 + k) * 4096 + q * 64;
+          _mm512_storeu_si512(out, _mm512_unpacklo_epi16(a0, b0));
+          _mm512_storeu_si512(out + 1024, _mm512_unpackhi_epi16(a0, b0));
+          _mm512_storeu_si512(out + 2048, _mm512_unpacklo_epi16(a1, b1));
+          _mm512_storeu_si512(out + 3072, _mm512_unpackhi_epi16(a1, b1));
+        }
       }
     }
-  }
-}
-
-//! 16 floats as int8 bytes (rounded, saturated) at out.
-KVCACHE_ALWAYS_INLINE void store_bytes(std::int8_t* out, __m512i x) noexcept {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(x));
 }
 
 //! o (4 heads, ostride apart, in unpermute_output's order) = o x corr + p V
-//! over a tile of n <= 32 rows, for 4 heads: p (4, pstride) weights (0 past
-//! n), vs (nb, 32) the rows' block scales (vnni::tile_block_field), bbuf
-//! from value_tiles (and 512 readable bytes after it). abuf: (dim / 64) KiB,
-//! bytes 32-63 of every 64-byte row zero; cbuf: 4 KiB (tile_scratch).
+//! over a tile of n <= tile_tokens rows, for 4 heads: p (4, pstride)
+//! weights (0 past n), vs (nb, tile_tokens) the rows' block scales (0 past
+//! n), bbuf from value_tiles. abuf: (dim / 64) KiB per subtile; cbuf: 4 KiB
+//! (tile_scratch).
 template <class F>
-KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, const float* p, std::size_t pstride,
-                                       const float* vs, const float* corr, float* o,
-                                       std::size_t ostride, const std::int8_t* bbuf,
+KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const float* p,
+                                       std::size_t pstride, const float* vs, const float* corr,
+                                       float* o, std::size_t ostride, const std::int8_t* bbuf,
                                        std::int8_t* abuf, std::int32_t* cbuf) noexcept {
-  constexpr std::size_t G = F::group;
-  const std::size_t chunks = dim / 64;
+  constexpr std::size_t G = F::group, T = tile_tokens;
+  const std::size_t chunks = dim / 64, used = (n + 63) / 64;
+  const __m512 k256 = _mm512_set1_ps(256.f);
   float wscale[4];
   for (std::size_t h = 0; h < 4; ++h) {
-    const __m512 p0 = _mm512_loadu_ps(p + h * pstride), p1 = _mm512_loadu_ps(p + h * pstride + 16);
-    // |products|: q4_0-style scales are negative when a block's extreme is positive.
-    __m512 mx = _mm512_setzero_ps();
-    for (std::size_t b = 0; b < dim / G; ++b) {
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(p0, _mm512_loadu_ps(vs + 32 * b))));
-      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(p1, _mm512_loadu_ps(vs + 32 * b + 16))));
+    // |products|: q4_0-style scales are negative when a block's extreme is
+    // positive. Rounding against the products' own maximum, not a bound on
+    // it, matters for the asymmetric formats, whose level sums and min
+    // terms cancel in the output.
+    __m512 q[T / 16], mx = _mm512_setzero_ps();
+    for (std::size_t k = 0; k < 4 * used; ++k) {
+      q[k] = _mm512_loadu_ps(p + h * pstride + 16 * k);
+      for (std::size_t b = 0; b < dim / G; ++b)
+        mx = _mm512_max_ps(
+            mx, _mm512_abs_ps(_mm512_mul_ps(q[k], _mm512_loadu_ps(vs + T * b + 16 * k))));
     }
     const float wmax = _mm512_reduce_max_ps(mx);
     wscale[h] = wmax / (127.f * 256.f);
     const __m512 inv = _mm512_set1_ps(wmax > 0.f ? 127.f / wmax : 0.f);
-    for (std::size_t sg = 0; sg < dim / 32; ++sg) {
-      const float* sb = vs + 32 * (32 * sg / G);
-      std::int8_t* row = abuf + (sg / 2) * 1024 + (8 * (sg % 2) + 2 * h) * 64;
-      for (std::size_t k = 0; k < 2; ++k) {
-        const __m512 y =
-            _mm512_mul_ps(_mm512_mul_ps(k ? p1 : p0, _mm512_loadu_ps(sb + 16 * k)), inv);
-        const __m512i hi = _mm512_cvtps_epi32(y);
-        const __m512i lo = _mm512_cvtps_epi32(
-            _mm512_mul_ps(_mm512_sub_ps(y, _mm512_cvtepi32_ps(hi)), _mm512_set1_ps(256.f)));
-        store_bytes(row + 16 * k, hi);
-        store_bytes(row + 64 + 16 * k, lo);
+    for (std::size_t k = 0; k < 4 * used; ++k) q[k] = _mm512_mul_ps(q[k], inv);
+    for (std::size_t u = 0; u < used; ++u)
+      for (std::size_t sg = 0; sg < dim / 32; ++sg) {
+        const float* sb = vs + T * (32 * sg / G) + 64 * u;
+        __m512i hi[4], lo[4];
+        for (std::size_t k = 0; k < 4; ++k) {
+          const __m512 y = _mm512_mul_ps(q[4 * u + k], _mm512_loadu_ps(sb + 16 * k));
+          hi[k] = _mm512_cvtps_epi32(y);
+          lo[k] =
+              _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(y, _mm512_cvtepi32_ps(hi[k])), k256));
+        }
+        std::int8_t* row = abuf + ((u * chunks + sg / 2) * 16 + 8 * (sg % 2) + 2 * h) * 64;
+        _mm512_storeu_si512(row, _mm512_packs_epi16(_mm512_packs_epi32(hi[0], hi[1]),
+                                                    _mm512_packs_epi32(hi[2], hi[3])));
+        _mm512_storeu_si512(row + 64, _mm512_packs_epi16(_mm512_packs_epi32(lo[0], lo[1]),
+                                                         _mm512_packs_epi32(lo[2], lo[3])));
       }
-    }
   }
+  // C tiles in tmm0-3, the weights in tmm4, values in tmm5-7 (the fourth
+  // reuses tmm5): each chunk's sums run over every subtile before they are
+  // stored.
   for (std::size_t c = 0; c < chunks; ++c) {
-    const std::int8_t* B = bbuf + c * 2048;
-    KVCACHE_TILE_LOAD(6, abuf + c * 1024, 64);
-    KVCACHE_TILE_LOAD(0, B, 64);
-    KVCACHE_TILE_LOAD(1, B + 512, 64);
-    KVCACHE_TILE_LOAD(2, B + 1024, 64);
-    KVCACHE_TILE_LOAD(3, B + 1536, 64);
-    _tile_zero(4);
-    _tile_zero(5);
-    _tile_zero(7);
-    _tile_dpbssd(4, 6, 0);
-    _tile_dpbssd(5, 6, 1);
-    _tile_dpbssd(7, 6, 2);
-    KVCACHE_TILE_STORE(4, cbuf, 64);
-    _tile_zero(4);
-    _tile_dpbssd(4, 6, 3);
-    KVCACHE_TILE_STORE(5, cbuf + 256, 64);
-    KVCACHE_TILE_STORE(7, cbuf + 512, 64);
-    KVCACHE_TILE_STORE(4, cbuf + 768, 64);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (std::size_t u = 0; u < used; ++u) {
+      const std::int8_t* B = bbuf + (u * chunks + c) * 4096;
+      KVCACHE_TILE_LOAD(4, abuf + (u * chunks + c) * 1024, 64);
+      KVCACHE_TILE_LOAD(5, B, 64);
+      KVCACHE_TILE_LOAD(6, B + 1024, 64);
+      KVCACHE_TILE_LOAD(7, B + 2048, 64);
+      _tile_dpbssd(0, 4, 5);
+      _tile_dpbssd(1, 4, 6);
+      _tile_dpbssd(2, 4, 7);
+      KVCACHE_TILE_LOAD(5, B + 3072, 64);
+      _tile_dpbssd(3, 4, 5);
+    }
+    KVCACHE_TILE_STORE(0, cbuf, 64);
+    KVCACHE_TILE_STORE(1, cbuf + 256, 64);
+    KVCACHE_TILE_STORE(2, cbuf + 512, 64);
+    KVCACHE_TILE_STORE(3, cbuf + 768, 64);
     for (std::size_t h = 0; h < 4; ++h) {
       const __m512 cr = _mm512_set1_ps(corr[h]), ws = _mm512_set1_ps(wscale[h]);
       for (std::size_t j = 0; j < 4; ++j) {
@@ -505,6 +547,24 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, const float* p, std::siz
         _mm512_storeu_ps(dst, _mm512_fmadd_ps(x, ws, _mm512_mul_ps(_mm512_loadu_ps(dst), cr)));
       }
     }
+  }
+}
+
+//! One fp16 field per block of a tile's rows (the scales at scale_offset,
+//! the mins at min_offset), tokens in lanes: out (nb, tile_tokens / 16)
+//! vectors, 0 past n.
+template <class F>
+KVCACHE_ALWAYS_INLINE void tile_field(const std::byte* V, std::size_t rb, std::size_t n,
+                                      std::size_t dim, std::size_t field, __m512* out) noexcept {
+  constexpr std::size_t Q = tile_tokens / 16;
+  for (std::size_t k = 0; k < Q; ++k) {
+    if (16 * k >= n) {
+      for (std::size_t b = 0; b < dim / F::group; ++b) out[Q * b + k] = _mm512_setzero_ps();
+      continue;
+    }
+    const __m512i offs = vnni::tile_offsets(std::min<std::size_t>(16, n - 16 * k), rb);
+    for (std::size_t b = 0; b < dim / F::group; ++b)
+      out[Q * b + k] = vnni::gather_half(V + 16 * k * rb, offs, field + 2 * b);
   }
 }
 

@@ -223,10 +223,12 @@ constexpr double decode_error_bound() noexcept {
   return integer_scores<P>() ? 1e-3 : 1e-4;
 }
 
-//! Token slots of a tile's score rows: the integer path takes tiles of 32
-//! tokens (two transposed 16-token halves), halving the per-tile softmax,
-//! weight rounding and epilogue work; the float paths take decode_tile (16).
+//! Tokens of a tile on the VNNI path: 32 (two transposed 16-token halves),
+//! halving the per-tile softmax, weight rounding and epilogue work against
+//! 16; the tile unit takes amx::tile_tokens, the float paths decode_tile.
 inline constexpr std::size_t quant_tile = 32;
+//! Floats between two heads' rows of a tile's scores: room for any tile.
+inline constexpr std::size_t score_stride = std::max(quant_tile, amx::tile_tokens);
 
 //! Floats of per-worker scratch decode_quant_task needs beyond decode.hpp's.
 inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
@@ -236,10 +238,10 @@ inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t tiles =
       (decode_streams * amx::query_bytes(g, dim) + amx::tile_scratch::bytes(dim) + 64) /
       sizeof(float);
-  return decode_streams * (2 * g + g * dim) + g * quant_tile + 64 + integer + tiles;
+  return decode_streams * (2 * g + g * dim) + g * score_stride + 64 + integer + tiles;
 }
 
-//! Scores of up to 16 tokens x g heads into sc (g, quant_tile), by formats'
+//! Scores of up to 16 tokens x g heads into sc (g, score_stride), by formats'
 //! vectorised readers, HB heads at a time.
 template <class P, std::size_t D, std::size_t HB>
 KVCACHE_ALWAYS_INLINE void quant_scores(const decode_stream& s, const std::byte* K, std::size_t rb,
@@ -266,7 +268,7 @@ KVCACHE_ALWAYS_INLINE void quant_scores(const decode_stream& s, const std::byte*
       const vf sums = reduce16(acc);
       for (std::size_t h = 0; h < HB; ++h)
         for (std::size_t t = 0; t < TOK; ++t)
-          sc[(hb + h) * quant_tile + j0 + t] = j0 + t < n ? sums[h * TOK + t] : -INFINITY;
+          sc[(hb + h) * score_stride + j0 + t] = j0 + t < n ? sums[h * TOK + t] : -INFINITY;
     }
   }
 }
@@ -278,15 +280,16 @@ KVCACHE_ALWAYS_INLINE void quant_softmax(decode_stream& s, std::size_t g, float*
   using namespace simd;
   // Sixteen heads at a time: the maxima, the rescaling factors and the sums
   // are vectors over heads, so a tile costs a few tree reductions and one
-  // vector exp per head, not scalar chains and libm calls. Rows are
-  // quant_tile apart; the first `tile` (16 or 32) slots are scores.
+  // vector exp per 16 scores, not scalar chains and libm calls. Rows are
+  // score_stride apart; the first `tile` (a multiple of 16) slots are scores.
+  const std::size_t nv = tile / lanes;
   for (std::size_t h0 = 0; h0 < g; h0 += lanes) {
     const std::size_t nh = std::min<std::size_t>(lanes, g - h0);
     vf mo = splat(-INFINITY), mx = splat(-INFINITY);
     for (std::size_t h = 0; h < nh; ++h) {
-      const float* srow = sc + (h0 + h) * quant_tile;
+      const float* srow = sc + (h0 + h) * score_stride;
       vf m = load(srow);
-      if (tile > lanes) m = max(m, load(srow + lanes));
+      for (std::size_t k = 1; k < nv; ++k) m = max(m, load(srow + k * lanes));
       mo[h] = s.m[h0 + h];
       mx[h] = tree_max(m);
     }
@@ -295,15 +298,14 @@ KVCACHE_ALWAYS_INLINE void quant_softmax(decode_stream& s, std::size_t g, float*
     const vf c = exp_neg(select(mo == splat(-INFINITY), splat(-INFINITY), mo - mn));
     vf sums{};
     for (std::size_t h = 0; h < nh; ++h) {
-      float* srow = sc + (h0 + h) * quant_tile;
-      vf p = exp_neg(load(srow) - mn[h]);
-      store(srow, p);
-      if (tile > lanes) {
-        const vf p2 = exp_neg(load(srow + lanes) - mn[h]);
-        store(srow + lanes, p2);
-        p += p2;
+      float* srow = sc + (h0 + h) * score_stride;
+      vf acc{};
+      for (std::size_t k = 0; k < nv; ++k) {
+        const vf p = exp_neg(load(srow + k * lanes) - mn[h]);
+        store(srow + k * lanes, p);
+        acc += p;
       }
-      sums[h] = tree_add(p);
+      sums[h] = tree_add(acc);
     }
     for (std::size_t h = 0; h < nh; ++h) {
       corr[h0 + h] = c[h];
@@ -327,7 +329,7 @@ KVCACHE_ALWAYS_INLINE void quant_accumulate(decode_stream& s, const std::byte* V
         ov[h] = load(s.o + (hb + h) * stride + c * lanes) * corr[hb + h];
       for (std::size_t j = 0; j < n; ++j) {
         const vf vv = read_row16<P>(V + j * rb, c, dim);
-        for (std::size_t h = 0; h < HB; ++h) ov[h] += sc[(hb + h) * quant_tile + j] * vv;
+        for (std::size_t h = 0; h < HB; ++h) ov[h] += sc[(hb + h) * score_stride + j] * vv;
       }
       for (std::size_t h = 0; h < HB; ++h) store(s.o + (hb + h) * stride + c * lanes, ov[h]);
     }
@@ -347,7 +349,7 @@ void quant_tile_blocks(decode_stream& s, const std::byte* K, const std::byte* V,
         for (std::size_t b = 0; b < nb; ++b)
           acc += P::dot_block(s.q + h * dim + b * G, K + j * rb, b, dim);
       }
-      sc[h * quant_tile + j] = acc;
+      sc[h * score_stride + j] = acc;
     }
   quant_softmax(s, g, sc, corr, decode_tile);
   for (std::size_t h = 0; h < g; ++h) {
@@ -355,19 +357,20 @@ void quant_tile_blocks(decode_stream& s, const std::byte* K, const std::byte* V,
     for (std::size_t d = 0; d < dim; ++d) o[d] *= corr[h];
     for (std::size_t j = 0; j < n; ++j)
       for (std::size_t b = 0; b < nb; ++b)
-        P::accumulate_block(sc[h * quant_tile + j], V + j * rb, b, dim, o + b * G);
+        P::accumulate_block(sc[h * score_stride + j], V + j * rb, b, dim, o + b * G);
   }
 }
 
-//! Runs half(h) for each 16-token half of a tile of n rows that has any;
-//! an empty second half gets -inf scores (sc: g rows of quant_tile).
+//! Runs half(h) for each 16-token part of a tile of `tile` slots that holds
+//! any of its n rows; empty parts get -inf scores (sc: g rows of
+//! score_stride).
 template <class Half>
-KVCACHE_ALWAYS_INLINE void for_tile_halves(std::size_t n, std::size_t g, float* sc,
-                                           Half&& half) noexcept {
-  for (std::size_t hf = 0; hf * 16 < quant_tile; ++hf) {
+KVCACHE_ALWAYS_INLINE void for_tile_halves(std::size_t n, std::size_t tile, std::size_t g,
+                                           float* sc, Half&& half) noexcept {
+  for (std::size_t hf = 0; hf * 16 < tile; ++hf) {
     if (hf * 16 >= n) {
       for (std::size_t h = 0; h < g; ++h)
-        for (std::size_t t = 0; t < 16; ++t) sc[h * quant_tile + hf * 16 + t] = -INFINITY;
+        for (std::size_t t = 0; t < 16; ++t) sc[h * score_stride + hf * 16 + t] = -INFINITY;
       continue;
     }
     half(hf);
@@ -383,7 +386,7 @@ KVCACHE_ALWAYS_INLINE void integer_tile_scores(
     float* scales, float* mins, float* sc, prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_VNNI
   const std::size_t nb = dim / F::group;
-  for_tile_halves(n, g, sc, [&](std::size_t half) {
+  for_tile_halves(n, quant_tile, g, sc, [&](std::size_t half) {
     const std::byte* Kh = K + half * 16 * rb;
     const std::size_t nh = std::min<std::size_t>(16, n - half * 16);
     vnni::unpack_tile<F>(Kh, rb, nh, dim, static_cast<__m512i*>(T));
@@ -396,7 +399,7 @@ KVCACHE_ALWAYS_INLINE void integer_tile_scores(
     }
     for (std::size_t hb = 0; hb < g; hb += HB)
       vnni::tile_scores<F, HB>(nh, dim, q + hb, static_cast<const __m512i*>(T), col_of, col_start,
-                               scales, mins, sc + half * 16 + hb * quant_tile, quant_tile);
+                               scales, mins, sc + half * 16 + hb * score_stride, score_stride);
   });
 #else
   (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)T, (void)col_of;
@@ -414,10 +417,10 @@ KVCACHE_ALWAYS_INLINE void amx_tile_scores(const std::byte* K, std::size_t rb, s
                                            prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_AMX
   if constexpr (amx::supported_format<F>())
-    for_tile_halves(n, g, sc, [&](std::size_t half) {
+    for_tile_halves(n, amx::tile_tokens, g, sc, [&](std::size_t half) {
       amx::half_scores<F>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g, dim,
                           q, keys.a + half * 16 * keys.stride, keys.stride, cbuf, sc + half * 16,
-                          quant_tile, pf);
+                          score_stride, pf);
     });
 #else
   (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)keys, (void)cbuf, (void)sc;
@@ -434,7 +437,7 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 #if KVCACHE_HAS_VNNI
   const std::size_t nb = dim / F::group;
   for (std::size_t hb = 0; hb < g; hb += HB)
-    vnni::tile_values<F, HB>(V, rb, n, dim, sc + hb * quant_tile, quant_tile, corr + hb,
+    vnni::tile_values<F, HB>(V, rb, n, dim, sc + hb * score_stride, score_stride, corr + hb,
                              o + hb * stride, stride, W, bias + hb * nb * 16);
 #else
   (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
@@ -465,19 +468,30 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
                                            float* bias, const amx::tile_scratch& ts) noexcept {
 #if KVCACHE_HAS_AMX
   if constexpr (amx::supported_format<F>()) {
+    constexpr std::size_t Q = amx::tile_tokens / 16;
     const std::size_t nb = dim / F::group;
-    __m512 vs[2 * amx::max_dim / 32];  // block scales, tokens in lanes, (nb, 32)
-    vnni::tile_block_field<F>(V, rb, n, dim, F::scale_offset(dim), vs);
-    [[maybe_unused]] __m512 mins[F::asymmetric ? 2 * amx::max_dim / 32 : 1];
-    if constexpr (F::asymmetric) vnni::tile_block_field<F>(V, rb, n, dim, F::min_offset(dim), mins);
+    __m512 vs[Q * amx::max_dim / 32];  // block scales, tokens in lanes, (nb, tile_tokens)
+    amx::tile_field<F>(V, rb, n, dim, F::scale_offset(dim), vs);
+    [[maybe_unused]] __m512 mins[F::asymmetric ? Q * amx::max_dim / 32 : 1];
+    if constexpr (F::asymmetric) {
+      amx::tile_field<F>(V, rb, n, dim, F::min_offset(dim), mins);
+      const __m512 centre = _mm512_set1_ps(static_cast<float>(amx::value_centre<F>()));
+      for (std::size_t k = 0; k < Q * nb; ++k) mins[k] = _mm512_fmadd_ps(vs[k], centre, mins[k]);
+    }
     for (std::size_t h0 = 0; h0 < g; h0 += 4) {
-      amx::tile_values<F>(dim, sc + h0 * quant_tile, quant_tile, reinterpret_cast<const float*>(vs),
-                          corr + h0, o + h0 * stride, stride, ts.values(), ts.weights(), ts.c());
+      amx::tile_values<F>(dim, n, sc + h0 * score_stride, score_stride,
+                          reinterpret_cast<const float*>(vs), corr + h0, o + h0 * stride, stride,
+                          ts.values(), ts.weights(), ts.c());
       if constexpr (F::asymmetric)
         for (std::size_t h = h0; h < h0 + 4; ++h)
-          vnni::value_min_terms(mins, nb, _mm512_loadu_ps(sc + h * quant_tile),
-                                _mm512_loadu_ps(sc + h * quant_tile + 16), corr[h],
-                                bias + h * nb * 16);
+          for (std::size_t b = 0; b < nb; ++b) {
+            float* acc = bias + (h * nb + b) * 16;
+            __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr[h]));
+            for (std::size_t k = 0; k < Q; ++k)
+              a = _mm512_fmadd_ps(_mm512_loadu_ps(sc + h * score_stride + 16 * k), mins[Q * b + k],
+                                  a);
+            _mm512_storeu_ps(acc, a);
+          }
     }
   }
 #else
@@ -515,8 +529,8 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
   const std::size_t stride = dim + 1;
   decode_stream st[decode_streams];
-  float* sc = scratch;                          // (g, quant_tile)
-  float* ml = sc + g * quant_tile;              // (streams, 2, g)
+  float* sc = scratch;                          // (g, score_stride)
+  float* ml = sc + g * score_stride;            // (streams, 2, g)
   float* qt = ml + 2 * g * decode_streams;      // (streams, g, dim) transformed queries
   float* corr = qt + decode_streams * g * dim;  // (g)
   // Integer scores (vnni.hpp): quantized queries, the transposed tile, and the
@@ -559,7 +573,6 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         a = (a + 63) & ~std::uintptr_t{63};
         amx_q = reinterpret_cast<std::byte*>(a);
         ts = {amx_q + decode_streams * amx::query_bytes(g, dim), dim};
-        ts.clear_weights();
         amx::configure();
       }
     }
@@ -606,7 +619,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       const std::size_t in_page = sv.run(s.t);  // contiguous rows from s.t
       std::size_t tile = decode_tile;
       if constexpr (integer)
-        if (use_integer) tile = quant_tile;
+        if (use_integer) tile = use_amx ? amx::tile_tokens : quant_tile;
       const std::size_t n = std::min({tile, it.end - s.t, in_page});
       const std::byte* K = sv.row(L.run_offset(sv.page_tokens, layer, 0, it.head), s.t, rb);
       const std::byte* V = sv.row(L.run_offset(sv.page_tokens, layer, 1, it.head), s.t, rb);
@@ -615,16 +628,16 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // faster than the prefetchers ramp up on 8 streams, and the first
       // touch would otherwise be a gather of scales that stalls on DRAM.
       prefetch_cursor pf = next_tile_lines(K, V, rb, tile);
-      // Spread over the scores' steps (32 epilogue steps on the tile unit,
-      // whose 8 value-tile steps come first, so the last lines go out three
-      // quarters into the scores; 2 x blocks gathers on VNNI; 2 g query
-      // blocks on the float path): the lines are requested while this tile's
-      // arithmetic runs and have the value pass to arrive. The
+      // Spread over the scores' steps (tile_tokens epilogue steps on the
+      // tile unit, whose 16 value-tile steps come first, so the last lines go
+      // out three quarters into the scores; 2 x blocks gathers on VNNI; 2 g
+      // query blocks on the float path): the lines are requested while this
+      // tile's arithmetic runs and have the value pass to arrive. The
       // block-function path requests them at once.
       {
         std::size_t calls = 0;
         if (use_amx)
-          calls = 32;
+          calls = amx::tile_tokens;
         else if (use_integer)
           calls = 2 * (dim / P::group);
         else if constexpr (formatted_precision<P>)

@@ -231,7 +231,7 @@ void kchan_key_grouped(const seq_view& sv, const kv_layout& L, std::size_t layer
           kchan_codes16<KF>(row, c) * load(gp.scl + c * lanes) + load(gp.mins + c * lanes));
 }
 
-//! Scores of n <= quant_tile tokens x g heads into sc (g, quant_tile): qk
+//! Scores of n <= quant_tile tokens x g heads into sc (g, score_stride): qk
 //! (g, dim) against `read(j, c)` (16 elements of token j), plus bias[h].
 template <std::size_t HB, class Read>
 KVCACHE_ALWAYS_INLINE void kchan_scores(const float* qk, const float* bias, std::size_t n,
@@ -245,7 +245,7 @@ KVCACHE_ALWAYS_INLINE void kchan_scores(const float* qk, const float* bias, std:
       pf.issue();
       if (j0 >= n) {
         for (std::size_t h = 0; h < HB; ++h)
-          for (std::size_t t = 0; t < TOK; ++t) sc[(hb + h) * quant_tile + j0 + t] = -INFINITY;
+          for (std::size_t t = 0; t < TOK; ++t) sc[(hb + h) * score_stride + j0 + t] = -INFINITY;
         continue;
       }
       vf acc[lanes] = {};
@@ -260,7 +260,7 @@ KVCACHE_ALWAYS_INLINE void kchan_scores(const float* qk, const float* bias, std:
       const vf sums = reduce16(acc);
       for (std::size_t h = 0; h < HB; ++h)
         for (std::size_t t = 0; t < TOK; ++t)
-          sc[(hb + h) * quant_tile + j0 + t] =
+          sc[(hb + h) * score_stride + j0 + t] =
               j0 + t < n ? sums[h * TOK + t] + (bias ? bias[hb + h] : 0.f) : -INFINITY;
     }
   }
@@ -282,7 +282,7 @@ constexpr double kchan_error_bound() noexcept {
 inline std::size_t decode_kchan_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim;
   // + integer P.V's int16 weights and per-(head, block) min sums.
-  return g * quant_tile + 4 * g + g * dim + 2 * dim + g * dim + 128;
+  return g * score_stride + 4 * g + g * dim + 2 * dim + g * dim + 128;
 }
 
 //! Decode items [first, first + count), one after another.
@@ -296,13 +296,13 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
   constexpr std::size_t G = P::token_group;
   const std::size_t g = L.group(), dim = D ? D : L.head_dim, rb = L.row_bytes;
   const std::size_t nc = dim / lanes;
-  float* sc = scratch;              // (g, quant_tile)
-  float* ml = sc + g * quant_tile;  // (2, g)
-  float* corr = ml + 2 * g;         // (g)
-  float* bias = corr + g;           // (g)
-  float* qk = bias + g;             // (g, dim) queries times the group's scales
-  float* scl = qk + g * dim;        // (dim)
-  float* mins = scl + dim;          // (dim)
+  float* sc = scratch;                // (g, score_stride)
+  float* ml = sc + g * score_stride;  // (2, g)
+  float* corr = ml + 2 * g;           // (g)
+  float* bias = corr + g;             // (g)
+  float* qk = bias + g;               // (g, dim) queries times the group's scales
+  float* scl = qk + g * dim;          // (dim)
+  float* mins = scl + dim;            // (dim)
   // Values are P's rows: with VNNI, P.V takes the integer path of
   // decode_quant.hpp (int16 weights, vpdpwssd) where P has one.
   using FV = typename format_of<V>::type;
