@@ -475,7 +475,6 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const flo
                                        std::int8_t* abuf, std::int32_t* cbuf) noexcept {
   constexpr std::size_t G = F::group, T = tile_tokens;
   const std::size_t chunks = dim / 64, used = (n + 63) / 64;
-  const __m512 k256 = _mm512_set1_ps(256.f);
   float wscale[4];
   for (std::size_t h = 0; h < 4; ++h) {
     // |products|: q4_0-style scales are negative when a block's extreme is
@@ -490,24 +489,26 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const flo
             mx, _mm512_abs_ps(_mm512_mul_ps(q[k], _mm512_loadu_ps(vs + T * b + 16 * k))));
     }
     const float wmax = _mm512_reduce_max_ps(mx);
-    wscale[h] = wmax / (127.f * 256.f);
-    const __m512 inv = _mm512_set1_ps(wmax > 0.f ? 127.f / wmax : 0.f);
+    // w = round(p x scale x 32639 / wmax), |w| <= 127 x 257, split into
+    // bytes w = 256 hi + lo with hi = (w + 128) >> 8 in [-127, 127] and lo in
+    // [-128, 127], on int16 lanes (32 weights per instruction).
+    wscale[h] = wmax / 32639.f;
+    const __m512 inv = _mm512_set1_ps(wmax > 0.f ? 32639.f / wmax : 0.f);
     for (std::size_t k = 0; k < 4 * used; ++k) q[k] = _mm512_mul_ps(q[k], inv);
     for (std::size_t u = 0; u < used; ++u)
       for (std::size_t sg = 0; sg < dim / 32; ++sg) {
         const float* sb = vs + T * (32 * sg / G) + 64 * u;
-        __m512i hi[4], lo[4];
-        for (std::size_t k = 0; k < 4; ++k) {
-          const __m512 y = _mm512_mul_ps(q[4 * u + k], _mm512_loadu_ps(sb + 16 * k));
-          hi[k] = _mm512_cvtps_epi32(y);
-          lo[k] =
-              _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(y, _mm512_cvtepi32_ps(hi[k])), k256));
+        __m512i w[4], hi[2], lo[2];
+        for (std::size_t k = 0; k < 4; ++k)
+          w[k] = _mm512_cvtps_epi32(_mm512_mul_ps(q[4 * u + k], _mm512_loadu_ps(sb + 16 * k)));
+        for (std::size_t k = 0; k < 2; ++k) {
+          const __m512i x = _mm512_packs_epi32(w[2 * k], w[2 * k + 1]);
+          hi[k] = _mm512_srai_epi16(_mm512_add_epi16(x, _mm512_set1_epi16(128)), 8);
+          lo[k] = _mm512_sub_epi16(x, _mm512_slli_epi16(hi[k], 8));
         }
         std::int8_t* row = abuf + ((u * chunks + sg / 2) * 16 + 8 * (sg % 2) + 2 * h) * 64;
-        _mm512_storeu_si512(row, _mm512_packs_epi16(_mm512_packs_epi32(hi[0], hi[1]),
-                                                    _mm512_packs_epi32(hi[2], hi[3])));
-        _mm512_storeu_si512(row + 64, _mm512_packs_epi16(_mm512_packs_epi32(lo[0], lo[1]),
-                                                         _mm512_packs_epi32(lo[2], lo[3])));
+        _mm512_storeu_si512(row, _mm512_packs_epi16(hi[0], hi[1]));
+        _mm512_storeu_si512(row + 64, _mm512_packs_epi16(lo[0], lo[1]));
       }
   }
   // C tiles in tmm0-3, the weights in tmm4, values in tmm5-7 (the fourth
