@@ -92,6 +92,14 @@ inline constexpr std::size_t query_bytes(std::size_t g, std::size_t dim) noexcep
 //! tile (the C tiles' round trip and epilogue, the softmax's reductions).
 inline constexpr std::size_t tile_tokens = 64;
 
+//! The prefetch_cursor::issue() calls a full tile makes for g heads: value
+//! tiles (16 per 64 tokens), scores (one per token), weights (per head,
+//! block of 32 and 64 tokens) and epilogue (per head and chunk).
+constexpr std::size_t issue_steps(std::size_t g, std::size_t dim) noexcept {
+  return 16 * (tile_tokens / 64) + tile_tokens + g * (dim / 32) * (tile_tokens / 64) +
+         g * (dim / 64);
+}
+
 //! The per-task scratch of the tile kernels, in one place: unpacked key rows
 //! (tile_tokens x dim), C tiles (4 KiB), P.V's weight tiles (dim / 64 KiB)
 //! and value tiles (dim / 64 x 4 KiB).
@@ -467,12 +475,14 @@ KVCACHE_ALWAYS_INLINE void value_tiles(const std::byte* V, std::size_t rb, std::
 //! over a tile of n <= tile_tokens rows, for 4 heads: p (4, pstride)
 //! weights (0 past n), vs (nb, tile_tokens) the rows' block scales (0 past
 //! n), bbuf from value_tiles. abuf: (dim / 64) KiB per subtile; cbuf: 4 KiB
-//! (tile_scratch).
+//! (tile_scratch). Requests a line group of pf per head and block of
+//! weights and per head and chunk of the epilogue.
 template <class F>
 KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const float* p,
                                        std::size_t pstride, const float* vs, const float* corr,
                                        float* o, std::size_t ostride, const std::int8_t* bbuf,
-                                       std::int8_t* abuf, std::int32_t* cbuf) noexcept {
+                                       std::int8_t* abuf, std::int32_t* cbuf,
+                                       detail::prefetch_cursor& pf) noexcept {
   constexpr std::size_t G = F::group, T = tile_tokens;
   const std::size_t chunks = dim / 64, used = (n + 63) / 64;
   float wscale[4];
@@ -497,6 +507,7 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const flo
     for (std::size_t k = 0; k < 4 * used; ++k) q[k] = _mm512_mul_ps(q[k], inv);
     for (std::size_t u = 0; u < used; ++u)
       for (std::size_t sg = 0; sg < dim / 32; ++sg) {
+        pf.issue();
         const float* sb = vs + T * (32 * sg / G) + 64 * u;
         __m512i w[4], hi[2], lo[2];
         for (std::size_t k = 0; k < 4; ++k)
@@ -536,6 +547,7 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const flo
     KVCACHE_TILE_STORE(2, cbuf + 512, 64);
     KVCACHE_TILE_STORE(3, cbuf + 768, 64);
     for (std::size_t h = 0; h < 4; ++h) {
+      pf.issue();
       const __m512 cr = _mm512_set1_ps(corr[h]), ws = _mm512_set1_ps(wscale[h]);
       for (std::size_t j = 0; j < 4; ++j) {
         const std::int32_t* C = cbuf + 256 * j;

@@ -465,7 +465,8 @@ template <class F>
 KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, std::size_t n,
                                            std::size_t g, std::size_t dim, const float* sc,
                                            const float* corr, float* o, std::size_t stride,
-                                           float* bias, const amx::tile_scratch& ts) noexcept {
+                                           float* bias, const amx::tile_scratch& ts,
+                                           prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_AMX
   if constexpr (amx::supported_format<F>()) {
     constexpr std::size_t Q = amx::tile_tokens / 16;
@@ -481,7 +482,7 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
     for (std::size_t h0 = 0; h0 < g; h0 += 4) {
       amx::tile_values<F>(dim, n, sc + h0 * score_stride, score_stride,
                           reinterpret_cast<const float*>(vs), corr + h0, o + h0 * stride, stride,
-                          ts.values(), ts.weights(), ts.c());
+                          ts.values(), ts.weights(), ts.c(), pf);
       if constexpr (F::asymmetric)
         for (std::size_t h = h0; h < h0 + 4; ++h)
           for (std::size_t b = 0; b < nb; ++b) {
@@ -496,7 +497,7 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
   }
 #else
   (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
-  (void)bias, (void)ts;
+  (void)bias, (void)ts, (void)pf;
 #endif
 }
 
@@ -628,16 +629,16 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // faster than the prefetchers ramp up on 8 streams, and the first
       // touch would otherwise be a gather of scales that stalls on DRAM.
       prefetch_cursor pf = next_tile_lines(K, V, rb, tile);
-      // Spread over the scores' steps (tile_tokens epilogue steps on the
-      // tile unit, whose 16 value-tile steps come first, so the last lines go
-      // out three quarters into the scores; 2 x blocks gathers on VNNI; 2 g
-      // query blocks on the float path): the lines are requested while this
-      // tile's arithmetic runs and have the value pass to arrive. The
+      // Spread over the tile's steps on the tile unit (the whole tile: with
+      // the requests only in the scores, int8 from DRAM ran 5% slower, the
+      // fill buffers queueing them), over the scores' steps otherwise (2 x
+      // blocks gathers on VNNI; 2 g query blocks on the float path): the
+      // lines are requested while this tile's arithmetic runs. The
       // block-function path requests them at once.
       {
         std::size_t calls = 0;
         if (use_amx)
-          calls = amx::tile_tokens;
+          calls = amx::issue_steps(g, dim);
         else if (use_integer)
           calls = 2 * (dim / P::group);
         else if constexpr (formatted_precision<P>)
@@ -662,7 +663,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         quant_softmax(s, g, sc, corr, tile);
         if (use_amx) {
           amx_tile_values<F>(V, rb, n, g, dim, sc, corr, s.o, stride,
-                             value_bias + i * g * (dim / F::group) * 16, ts);
+                             value_bias + i * g * (dim / F::group) * 16, ts, pf);
         } else if constexpr (integer_v) {
           if (use_integer) {
             integer_tile_values<F, HB>(V, rb, n, g, dim, sc, corr, s.o, stride, value_w,
