@@ -473,7 +473,7 @@ KVCACHE_ALWAYS_INLINE void value_tiles(const std::byte* V, std::size_t rb, std::
 
 //! o (4 heads, ostride apart, in unpermute_output's order) = o x corr + p V
 //! over a tile of n <= tile_tokens rows, for 4 heads: p (4, pstride)
-//! weights (0 past n), vs (nb, tile_tokens) the rows' block scales (0 past
+//! weights (read up to n, rounded up to 16), vs (nb, tile_tokens) the rows' block scales (0 past
 //! n), bbuf from value_tiles. abuf: (dim / 64) KiB per subtile; cbuf: 4 KiB
 //! (tile_scratch). Requests a line group of pf per head and block of
 //! weights and per head and chunk of the epilogue.
@@ -493,7 +493,8 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const flo
     // terms cancel in the output.
     __m512 q[T / 16], mx = _mm512_setzero_ps();
     for (std::size_t k = 0; k < 4 * used; ++k) {
-      q[k] = _mm512_loadu_ps(p + h * pstride + 16 * k);
+      // Parts past n: their scores are -inf and were not exponentiated.
+      q[k] = 16 * k < n ? _mm512_loadu_ps(p + h * pstride + 16 * k) : _mm512_setzero_ps();
       for (std::size_t b = 0; b < dim / G; ++b)
         mx = _mm512_max_ps(
             mx, _mm512_abs_ps(_mm512_mul_ps(q[k], _mm512_loadu_ps(vs + T * b + 16 * k))));

@@ -488,7 +488,7 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
           for (std::size_t b = 0; b < nb; ++b) {
             float* acc = bias + (h * nb + b) * 16;
             __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr[h]));
-            for (std::size_t k = 0; k < Q; ++k)
+            for (std::size_t k = 0; k < Q && 16 * k < n; ++k)  // parts past n: not exponentiated
               a = _mm512_fmadd_ps(_mm512_loadu_ps(sc + h * score_stride + 16 * k), mins[Q * b + k],
                                   a);
             _mm512_storeu_ps(acc, a);
@@ -628,7 +628,13 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // streams' tiles are done it is in cache. Quantized rows are read
       // faster than the prefetchers ramp up on 8 streams, and the first
       // touch would otherwise be a gather of scales that stalls on DRAM.
-      prefetch_cursor pf = next_tile_lines(K, V, rb, tile);
+      // (The rows after this tile's in memory need not be the next tile's:
+      // small pages put it elsewhere.)
+      prefetch_cursor pf;
+      if (const std::size_t t2 = s.t + n; t2 < it.end)
+        pf = run_lines(sv.row(L.run_offset(sv.page_tokens, layer, 0, it.head), t2, rb),
+                       sv.row(L.run_offset(sv.page_tokens, layer, 1, it.head), t2, rb), rb,
+                       std::min({tile, it.end - t2, sv.run(t2)}));
       // Spread over the tile's steps on the tile unit (the whole tile: with
       // the requests only in the scores, int8 from DRAM ran 5% slower, the
       // fill buffers queueing them), over the scores' steps otherwise (2 x
@@ -660,7 +666,8 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
                                      tile_scales, tile_mins, sc, pf);
         else
           quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc, pf);
-        quant_softmax(s, g, sc, corr, tile);
+        // The 16-token parts that hold rows (a short tile, a small page).
+        quant_softmax(s, g, sc, corr, std::min(tile, (n + 15) / 16 * 16));
         if (use_amx) {
           amx_tile_values<F>(V, rb, n, g, dim, sc, corr, s.o, stride,
                              value_bias + i * g * (dim / F::group) * 16, ts, pf);

@@ -41,8 +41,13 @@ struct prefetch_cursor {
     return (i & 1 ? v[r] : k[r]) + n * 64;
   }
   KVCACHE_ALWAYS_INLINE void issue() noexcept {
-    for (const std::size_t e = std::min(next + step, 2 * total()); next < e; ++next)
-      __builtin_prefetch(line(next), 0, 1);
+    const std::size_t e = std::min(next + step, 2 * total());
+    if (lines[1] == 0) {  // one run (every tile of contiguous storage): K and V lines in turn
+      for (; next < e; ++next)
+        __builtin_prefetch((next & 1 ? v[0] : k[0]) + (next >> 1) * 64, 0, 1);
+      return;
+    }
+    for (; next < e; ++next) __builtin_prefetch(line(next), 0, 1);
   }
   //! Spreads the lines over `calls` calls of issue() (all at once for 0).
   void spread(std::size_t calls) noexcept {
@@ -54,19 +59,24 @@ struct prefetch_cursor {
   }
 };
 
-//! The cursor over the lines of the `tile` rows (row_bytes apart) after the
-//! ones at K and V. Rows need not start on a line (136 bytes for int8): from
-//! the line holding the first byte, one line more than the rows' size, or the
+//! The cursor over the lines of `rows` rows (row_bytes apart) from the ones
+//! at K and V. Rows need not start on a line (136 bytes for int8): from the
+//! line holding the first byte, one line more than the rows' size, or the
 //! line holding the last byte would be left to a demand miss. (A prefetch
 //! past a page or an item is harmless: it never faults.)
-inline prefetch_cursor next_tile_lines(const std::byte* K, const std::byte* V,
-                                       std::size_t row_bytes, std::size_t tile = 32) noexcept {
+inline prefetch_cursor run_lines(const std::byte* K, const std::byte* V, std::size_t row_bytes,
+                                 std::size_t rows) noexcept {
   auto line_of = [](const std::byte* p) {
     return reinterpret_cast<const char*>(p) - reinterpret_cast<std::uintptr_t>(p) % 64;
   };
-  return {{line_of(K + tile * row_bytes)},
-          {line_of(V + tile * row_bytes)},
-          {(tile * row_bytes + 63) / 64 + 1}};
+  return {{line_of(K)}, {line_of(V)}, {rows ? (rows * row_bytes + 63) / 64 + 1 : 0}};
+}
+
+//! The cursor over the `tile` rows after the ones at K and V (contiguous
+//! storage: the next tile of a run).
+inline prefetch_cursor next_tile_lines(const std::byte* K, const std::byte* V,
+                                       std::size_t row_bytes, std::size_t tile = 32) noexcept {
+  return run_lines(K + tile * row_bytes, V + tile * row_bytes, row_bytes, tile);
 }
 
 }  // namespace detail
