@@ -246,6 +246,8 @@ constexpr int value_centre() noexcept {
 template <class F, int centre = 0>
 KVCACHE_ALWAYS_INLINE void row_levels(const std::uint8_t* codes, std::size_t c,
                                       __m512i* out) noexcept {
+  // Subtracted from every code: symmetric int4's zero point, else `centre`.
+  constexpr int mid = F::kind == block_kind::int4_sym ? 8 : centre;
   if constexpr (F::bits == 8) {
     out[0] = _mm512_loadu_si512(codes + 64 * c);
   } else if constexpr (F::bits == 4) {
@@ -253,10 +255,9 @@ KVCACHE_ALWAYS_INLINE void row_levels(const std::uint8_t* codes, std::size_t c,
     const __m512i x = _mm512_loadu_si512(codes + 32 * c);
     const __m512i m = _mm512_set1_epi8(0x0f);
     __m512i lo = _mm512_and_si512(x, m), hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), m);
-    if constexpr (F::kind == block_kind::int4_sym || centre != 0) {
-      const __m512i mid = _mm512_set1_epi8(F::kind == block_kind::int4_sym ? 8 : centre);
-      lo = _mm512_sub_epi8(lo, mid);
-      hi = _mm512_sub_epi8(hi, mid);
+    if constexpr (mid != 0) {
+      lo = _mm512_sub_epi8(lo, _mm512_set1_epi8(mid));
+      hi = _mm512_sub_epi8(hi, _mm512_set1_epi8(mid));
     }
     out[0] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi);
     out[1] = _mm512_permutex2var_epi64(lo, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi);
@@ -270,9 +271,9 @@ KVCACHE_ALWAYS_INLINE void row_levels(const std::uint8_t* codes, std::size_t c,
     const __m512i b23 = _mm512_permutexvar_epi64(_mm512_setr_epi64(2, 2, 2, 2, 3, 3, 3, 3), x);
     out[0] = _mm512_and_si512(_mm512_srlv_epi64(b01, shifts), m);
     out[1] = _mm512_and_si512(_mm512_srlv_epi64(b23, shifts), m);
-    if constexpr (centre != 0) {
-      out[0] = _mm512_sub_epi8(out[0], _mm512_set1_epi8(centre));
-      out[1] = _mm512_sub_epi8(out[1], _mm512_set1_epi8(centre));
+    if constexpr (mid != 0) {
+      out[0] = _mm512_sub_epi8(out[0], _mm512_set1_epi8(mid));
+      out[1] = _mm512_sub_epi8(out[1], _mm512_set1_epi8(mid));
     }
   }
 }
@@ -561,24 +562,6 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const flo
         _mm512_storeu_ps(dst, _mm512_fmadd_ps(x, ws, _mm512_mul_ps(_mm512_loadu_ps(dst), cr)));
       }
     }
-  }
-}
-
-//! One fp16 field per block of a tile's rows (the scales at scale_offset,
-//! the mins at min_offset), tokens in lanes: out (nb, tile_tokens / 16)
-//! vectors, 0 past n.
-template <class F>
-KVCACHE_ALWAYS_INLINE void tile_field(const std::byte* V, std::size_t rb, std::size_t n,
-                                      std::size_t dim, std::size_t field, __m512* out) noexcept {
-  constexpr std::size_t Q = tile_tokens / 16;
-  for (std::size_t k = 0; k < Q; ++k) {
-    if (16 * k >= n) {
-      for (std::size_t b = 0; b < dim / F::group; ++b) out[Q * b + k] = _mm512_setzero_ps();
-      continue;
-    }
-    const __m512i offs = vnni::tile_offsets(std::min<std::size_t>(16, n - 16 * k), rb);
-    for (std::size_t b = 0; b < dim / F::group; ++b)
-      out[Q * b + k] = vnni::gather_half(V + 16 * k * rb, offs, field + 2 * b);
   }
 }
 

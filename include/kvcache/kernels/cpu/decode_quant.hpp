@@ -472,10 +472,10 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
     constexpr std::size_t Q = amx::tile_tokens / 16;
     const std::size_t nb = dim / F::group;
     __m512 vs[Q * amx::max_dim / 32];  // block scales, tokens in lanes, (nb, tile_tokens)
-    amx::tile_field<F>(V, rb, n, dim, F::scale_offset(dim), vs);
+    vnni::tile_block_field<F>(V, rb, n, dim, F::scale_offset(dim), Q, vs);
     [[maybe_unused]] __m512 mins[F::asymmetric ? Q * amx::max_dim / 32 : 1];
     if constexpr (F::asymmetric) {
-      amx::tile_field<F>(V, rb, n, dim, F::min_offset(dim), mins);
+      vnni::tile_block_field<F>(V, rb, n, dim, F::min_offset(dim), Q, mins);
       const __m512 centre = _mm512_set1_ps(static_cast<float>(amx::value_centre<F>()));
       for (std::size_t k = 0; k < Q * nb; ++k) mins[k] = _mm512_fmadd_ps(vs[k], centre, mins[k]);
     }
@@ -484,15 +484,9 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
                           reinterpret_cast<const float*>(vs), corr + h0, o + h0 * stride, stride,
                           ts.values(), ts.weights(), ts.c(), pf);
       if constexpr (F::asymmetric)
-        for (std::size_t h = h0; h < h0 + 4; ++h)
-          for (std::size_t b = 0; b < nb; ++b) {
-            float* acc = bias + (h * nb + b) * 16;
-            __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr[h]));
-            for (std::size_t k = 0; k < Q && 16 * k < n; ++k)  // parts past n: not exponentiated
-              a = _mm512_fmadd_ps(_mm512_loadu_ps(sc + h * score_stride + 16 * k), mins[Q * b + k],
-                                  a);
-            _mm512_storeu_ps(acc, a);
-          }
+        for (std::size_t h = h0; h < h0 + 4; ++h)  // parts past n: not exponentiated
+          vnni::value_min_terms(mins, nb, Q, sc + h * score_stride, std::min(Q, (n + 15) / 16),
+                                corr[h], bias + h * nb * 16);
     }
   }
 #else
@@ -622,8 +616,10 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       if constexpr (integer)
         if (use_integer) tile = use_amx ? amx::tile_tokens : quant_tile;
       const std::size_t n = std::min({tile, it.end - s.t, in_page});
-      const std::byte* K = sv.row(L.run_offset(sv.page_tokens, layer, 0, it.head), s.t, rb);
-      const std::byte* V = sv.row(L.run_offset(sv.page_tokens, layer, 1, it.head), s.t, rb);
+      const std::size_t kr = L.run_offset(sv.page_tokens, layer, 0, it.head);
+      const std::size_t vr = L.run_offset(sv.page_tokens, layer, 1, it.head);
+      const std::byte* K = sv.row(kr, s.t, rb);
+      const std::byte* V = sv.row(vr, s.t, rb);
       // The next tile of this stream, requested now: by the time the other
       // streams' tiles are done it is in cache. Quantized rows are read
       // faster than the prefetchers ramp up on 8 streams, and the first
@@ -632,8 +628,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // small pages put it elsewhere.)
       prefetch_cursor pf;
       if (const std::size_t t2 = s.t + n; t2 < it.end)
-        pf = run_lines(sv.row(L.run_offset(sv.page_tokens, layer, 0, it.head), t2, rb),
-                       sv.row(L.run_offset(sv.page_tokens, layer, 1, it.head), t2, rb), rb,
+        pf = run_lines(sv.row(kr, t2, rb), sv.row(vr, t2, rb), rb,
                        std::min({tile, it.end - t2, sv.run(t2)}));
       // Spread over the tile's steps on the tile unit (the whole tile: with
       // the requests only in the scores, int8 from DRAM ran 5% slower, the

@@ -35,19 +35,17 @@ struct prefetch_cursor {
   //! The address of the i-th line requested, i < 2 total(): pairs of (K, V)
   //! lines, the runs alternating while both have lines left.
   KVCACHE_ALWAYS_INLINE const char* line(std::size_t i) const noexcept {
+    // One run (every tile of contiguous storage): K and V lines in turn, a
+    // short path for the common case.
+    if (lines[1] == 0) return (i & 1 ? v[0] : k[0]) + (i >> 1) * 64;
     const std::size_t pair = i >> 1, both = 2 * std::min(lines[0], lines[1]);
     const std::size_t r = pair < both ? pair & 1 : lines[1] > lines[0];
     const std::size_t n = pair < both ? pair >> 1 : both / 2 + (pair - both);
     return (i & 1 ? v[r] : k[r]) + n * 64;
   }
   KVCACHE_ALWAYS_INLINE void issue() noexcept {
-    const std::size_t e = std::min(next + step, 2 * total());
-    if (lines[1] == 0) {  // one run (every tile of contiguous storage): K and V lines in turn
-      for (; next < e; ++next)
-        __builtin_prefetch((next & 1 ? v[0] : k[0]) + (next >> 1) * 64, 0, 1);
-      return;
-    }
-    for (; next < e; ++next) __builtin_prefetch(line(next), 0, 1);
+    for (const std::size_t e = std::min(next + step, 2 * total()); next < e; ++next)
+      __builtin_prefetch(line(next), 0, 1);
   }
   //! Spreads the lines over `calls` calls of issue() (all at once for 0).
   void spread(std::size_t calls) noexcept {

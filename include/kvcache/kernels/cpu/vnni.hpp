@@ -314,30 +314,34 @@ KVCACHE_ALWAYS_INLINE void value_pairs(const std::uint8_t* a, const std::uint8_t
 
 //! One fp16 field per block of a tile's rows (the scales at scale_offset,
 //! the mins at min_offset), tokens in lanes, gathered once for all heads:
-//! out[2 b] rows 0-15, out[2 b + 1] rows 16-31 (0 past n), n <= 32.
+//! out[parts b + k] holds rows 16 k .. 16 k + 15 of block b (0 past n).
 template <class F>
 KVCACHE_ALWAYS_INLINE void tile_block_field(const std::byte* V, std::size_t rb, std::size_t n,
-                                            std::size_t dim, std::size_t field,
+                                            std::size_t dim, std::size_t field, std::size_t parts,
                                             __m512* out) noexcept {
-  const bool two = n > 16;
-  const __m512i offs0 = tile_offsets(std::min<std::size_t>(n, 16), rb);
-  const __m512i offs1 = tile_offsets(two ? n - 16 : 1, rb);
-  for (std::size_t b = 0; b < dim / F::group; ++b) {
-    out[2 * b] = gather_half(V, offs0, field + 2 * b);
-    out[2 * b + 1] = two ? gather_half(V + 16 * rb, offs1, field + 2 * b) : _mm512_setzero_ps();
+  const std::size_t nb = dim / F::group;
+  for (std::size_t k = 0; k < parts; ++k) {
+    if (16 * k >= n) {  // never gather past row n - 1
+      for (std::size_t b = 0; b < nb; ++b) out[parts * b + k] = _mm512_setzero_ps();
+      continue;
+    }
+    const __m512i offs = tile_offsets(std::min<std::size_t>(16, n - 16 * k), rb);
+    for (std::size_t b = 0; b < nb; ++b)
+      out[parts * b + k] = gather_half(V + 16 * k * rb, offs, field + 2 * b);
   }
 }
 
 //! An asymmetric format's running min terms for one head: bias (nb, 16) =
-//! bias x corr + p0 x mins (rows 0-15) + p1 x mins (rows 16-31), per block,
-//! tokens in lanes; mins from tile_block_field.
-KVCACHE_ALWAYS_INLINE void value_min_terms(const __m512* mins, std::size_t nb, __m512 p0, __m512 p1,
-                                           float corr, float* bias) noexcept {
+//! bias x corr + sum over parts k < used of p[16 k ..] x mins[parts b + k],
+//! per block, tokens in lanes; mins from tile_block_field.
+KVCACHE_ALWAYS_INLINE void value_min_terms(const __m512* mins, std::size_t nb, std::size_t parts,
+                                           const float* p, std::size_t used, float corr,
+                                           float* bias) noexcept {
   for (std::size_t b = 0; b < nb; ++b) {
     float* acc = bias + b * 16;
     __m512 a = _mm512_mul_ps(_mm512_loadu_ps(acc), _mm512_set1_ps(corr));
-    a = _mm512_fmadd_ps(p0, mins[2 * b], a);
-    a = _mm512_fmadd_ps(p1, mins[2 * b + 1], a);
+    for (std::size_t k = 0; k < used; ++k)
+      a = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16 * k), mins[parts * b + k], a);
     _mm512_storeu_ps(acc, a);
   }
 }
@@ -356,9 +360,9 @@ KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::
   const bool two = n > 16;  // rows 16.. exist: never gather past row n - 1
   float wscale[HB];
   __m512 sv[128];  // nb <= 64: scales of rows 0-15 and 16-31 per block
-  tile_block_field<F>(V, rb, n, dim, F::scale_offset(dim), sv);
+  tile_block_field<F>(V, rb, n, dim, F::scale_offset(dim), 2, sv);
   [[maybe_unused]] __m512 mins[F::asymmetric ? 128 : 1];
-  if constexpr (F::asymmetric) tile_block_field<F>(V, rb, n, dim, F::min_offset(dim), mins);
+  if constexpr (F::asymmetric) tile_block_field<F>(V, rb, n, dim, F::min_offset(dim), 2, mins);
   for (std::size_t h = 0; h < HB; ++h) {
     const __m512 p0 = _mm512_loadu_ps(p + h * pstride);
     const __m512 p1 = two ? _mm512_loadu_ps(p + h * pstride + 16) : _mm512_setzero_ps();
@@ -380,7 +384,8 @@ KVCACHE_ALWAYS_INLINE void tile_values(const std::byte* V, std::size_t rb, std::
                           _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(
                               _mm512_mul_ps(_mm512_mul_ps(p1, sv[2 * b + 1]), inv))));
     }
-    if constexpr (F::asymmetric) value_min_terms(mins, nb, p0, p1, corr[h], bias + h * nb * 16);
+    if constexpr (F::asymmetric)
+      value_min_terms(mins, nb, 2, p + h * pstride, two ? 2 : 1, corr[h], bias + h * nb * 16);
   }
   const auto* W32 = reinterpret_cast<const std::int32_t*>(W);
   const std::size_t pairs = (n + 1) / 2;
