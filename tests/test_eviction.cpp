@@ -332,6 +332,12 @@ TEST_CASE("per-channel keys under sinks and windows, at every step",
   using paged_sinks = cache<gqa<64>, paged<>, attention_sinks<>, per_channel_k<int2_kv, 32, 64>>;
   check_stream<paged_sinks>(llama_rope(64), 32, 64, 60);
   check_stream<paged_sinks>(llama_rope(64), 0, 128, 40);
+  // Head_dim 128 and groups of 4 and 8 query heads: with AMX, keys on the
+  // tile unit, whose 64-token tiles span groups and stop at the sinks' end.
+  check_stream<cache<gqa<>, contiguous, attention_sinks<>, per_channel_k<int4_kv<true>>>>(
+      llama_rope(128), 32, 96, 40, 8, 128);
+  check_stream<cache<gqa<>, paged<>, attention_sinks<>, per_channel_k<int2_kv, 32, 64>>>(
+      llama_rope(128), 32, 64, 40, 16, 128);
 }
 
 TEST_CASE("per-channel keys: fork under sinks and a window on 8-token pages",

@@ -154,23 +154,43 @@ TEST_CASE("per-channel keys: constant and zero groups, bytes per element", "[qua
   CHECK(kc2::name == "int2_kchan_r128");
 }
 
-TEMPLATE_TEST_CASE("per-channel keys: decode and prefill equal float64 over the cache's own rows",
-                   "[quant][kchan]", kc4, kc2, per_channel_k<int4_kv<>>) {
+//! Prefill and decode of two sequences against float64 over the cache's own
+//! rows, q_heads / kv_heads query heads per KV head.
+template <class P, class Heads>
+void check_own(std::size_t q_heads, std::size_t kv_heads, std::size_t dim) {
   const auto seed = kvtest::test_seed();
   INFO("seed " << seed);
-  kvtest::dequant_driver<cache<gqa<128>, contiguous, full, TestType>> d(8, 2, 128, 2048, seed);
+  kvtest::dequant_driver<cache<Heads, contiguous, full, P>> d(q_heads, kv_heads, dim, 2048, seed);
   auto a = d.add(1024), b = d.add(1024);
   // Prefill chunks that end inside and on residual boundaries, then decodes
   // that cross several flushes, two sequences with different phases.
   // Prefill is fp32 throughout (1e-4); decode states its own bound.
-  const double bound = detail::kchan_error_bound<TestType>();
+  const double bound = detail::kchan_error_bound<P>();
   CHECK(d.run({{a, 45}, {b, 128}}) <= 1e-4);
   CHECK(d.run({{a, 83}, {b, 3}}) <= 1e-4);
   for (int i = 0; i < 140; ++i) CHECK(d.run({{a, 1}, {b, 1}}) <= bound);
   CHECK(d.run({{a, 200}, {b, 1}}) <= bound);
   // The format's error over the whole run (one decode step's few outputs
   // scatter too widely to hold each to it).
-  CHECK(d.orig.error() <= TestType::tolerance);
+  CHECK(d.orig.error() <= P::tolerance);
+}
+
+TEMPLATE_TEST_CASE("per-channel keys: decode and prefill equal float64 over the cache's own rows",
+                   "[quant][kchan]", kc4, kc2, per_channel_k<int4_kv<>>) {
+  // With AMX, group 4 and 8 at head_dim 128 and 256 decode on the tile unit;
+  // group 2 and head_dim 64 on the VNNI and float paths.
+  SECTION("head_dim 128, group 4") { check_own<TestType, gqa<128>>(8, 2, 128); }
+  SECTION("dynamic head_dim 256, group 8") { check_own<TestType, gqa<>>(16, 2, 256); }
+  SECTION("dynamic head_dim 64, group 2") { check_own<TestType, gqa<>>(4, 2, 64); }
+}
+
+TEMPLATE_TEST_CASE("per-channel keys without the tile unit", "[quant][kchan]", kc4, kc2) {
+  struct refuse {
+    refuse() { detail::amx::allowed() = false; }
+    ~refuse() { detail::amx::allowed() = true; }
+  } guard;
+  CHECK_FALSE(detail::amx::available());
+  check_own<TestType, gqa<128>>(8, 2, 128);
 }
 
 TEST_CASE("per-channel keys: flushed groups never change; chunked equals one-shot",

@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../../detail/simd.hpp"
@@ -179,6 +180,19 @@ void kchan_group_scales(const seq_view& sv, std::size_t kr, std::size_t i, std::
   constexpr std::size_t G = P::token_group;
   const std::size_t pr = KF::per_row(dim), so = KF::scale_offset(dim), mo = KF::min_offset(dim);
   auto gather = [&](std::size_t r, const std::byte* prow) {
+#if defined(__F16C__)
+    // A row's scales and mins are 4 pr contiguous bytes (min_offset follows
+    // the scales): four channels' of each per conversion.
+    if (pr % 4 == 0 && mo == so + 2 * pr) {
+      for (std::size_t j = 0; j < pr; j += 4) {
+        const auto* sp = reinterpret_cast<const __m128i*>(prow + so + 2 * j);
+        const auto* mp = reinterpret_cast<const __m128i*>(prow + mo + 2 * j);
+        _mm_storeu_ps(scl + r * pr + j, _mm_cvtph_ps(_mm_loadl_epi64(sp)));
+        _mm_storeu_ps(mins + r * pr + j, _mm_cvtph_ps(_mm_loadl_epi64(mp)));
+      }
+      return;
+    }
+#endif
     for (std::size_t j = 0; j < pr; ++j) {
       std::uint16_t s, m;
       std::memcpy(&s, prow + so + 2 * j, 2);
@@ -268,21 +282,201 @@ KVCACHE_ALWAYS_INLINE void kchan_scores(const float* qk, const float* bias, std:
 
 //! The relative L2 error decode may add to float64 attention over the
 //! cache's own decoded rows: fp32 rounding on the float paths (1e-4); with
-//! integer P.V (VNNI, P's values int8 or int4), the int16 softmax weights
-//! add up to ~3e-4 on the fidelity data, held to decode_quant.hpp's 1e-3.
+//! integer P.V (VNNI, P's values int8 or int4; the tile unit, int2 too),
+//! the rounded softmax weights add up to ~3e-4 on the fidelity data, and
+//! keys on the tile unit round the scaled query to two bytes: both held to
+//! decode_quant.hpp's 1e-3.
+template <class P>
+constexpr bool channel_tile_keys() noexcept;
 template <class P>
 constexpr double kchan_error_bound() noexcept {
   if constexpr (channel_keys<P>)
-    return integer_values<typename P::value_precision>() ? 1e-3 : 1e-4;
+    return integer_values<typename P::value_precision>() || channel_tile_keys<P>() ? 1e-3 : 1e-4;
   else
     return 1e-4;
 }
 
+// ---- keys on the tile unit --------------------------------------------------
+//
+// A group's scores are one integer product per token: the codes (0..15 or
+// 0..3, which tdpbssd takes as they are) by the query times the group's
+// channel scales, quantized once per group to two bytes per element with one
+// factor per head, qk ~= sq (hi + lo / 256). The B tiles keep amx.hpp's
+// lanes (8 p + 2 h + j: part, head, segment), so both 64-dimension chunks
+// add into one C tile and a token's score is its C row times a constant
+// vector of lane factors, summed per head (amx::heads_by_token), plus the
+// group's q . min. Per-token formats also scale each row by its own block
+// scales; here nothing depends on the token but its codes.
+
+//! Whether decode scores P's quantized keys on the tile unit (when the CPU
+//! has one): packed codes whose values P.V's tile path also takes, groups of
+//! whole 16-token quarters.
+template <class P>
+constexpr bool channel_tile_keys() noexcept {
+  if constexpr (channel_keys<P>) {
+    using FV = typename format_of<typename P::value_precision>::type;
+    if constexpr (std::is_void_v<FV>)
+      return false;
+    else
+      return KVCACHE_HAS_AMX && amx::supported_format<FV>() && FV::bits != 8 &&
+             FV::bits == P::key_format::bits && P::token_group % 16 == 0;
+  } else {
+    return false;
+  }
+}
+
+namespace kchan_tiles {
+
+//! Codes as amx::unpack_keys reads them: the block formats' packing, nothing
+//! subtracted.
+template <std::size_t Bits>
+struct codes {
+  static constexpr std::size_t bits = Bits;
+  static constexpr block_kind kind = Bits == 4 ? block_kind::int4_asym : block_kind::int2_asym;
+};
+
+#if KVCACHE_HAS_AMX
+//! The 16 x 16 transpose of dwords: out[c] lane r = in[r] lane c.
+KVCACHE_ALWAYS_INLINE void transpose16(const __m512i* in, __m512i* out) noexcept {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(in[2 * i], in[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(in[2 * i], in[2 * i + 1]);
+  }
+  // u[4 i + k], 128-bit lane L: column 4 L + k of rows 4 i .. 4 i + 3.
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);
+    const __m512i v1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xdd);
+    out[k] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    out[8 + k] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+    out[4 + k] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    out[12 + k] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+  }
+}
+
+//! Writes the B tiles and lane factors of g query heads (g x dim) times the
+//! group's channel scales into t, and each head's q . min into bias. One
+//! factor per head: qk ~= sq (hi + lo / 256), sq = max |qk| / 127. Row r of
+//! a chunk's tile (dimensions 4 r .. 4 r + 3) holds lane 8 p + 2 h + j only
+//! for j = r / 8: the rows are the transpose of 16 lane vectors (lanes 2 h
+//! and 2 h + 1 both part p of head h), stored under that mask, and the
+//! other lanes stay the zeros the caller wrote once per item.
+inline void prepare(const float* q, const float* scl, const float* mins, std::size_t g,
+                    std::size_t dim, const amx::query_tiles& t, float* bias) noexcept {
+  const std::size_t chunks = dim / 64;
+  for (std::size_t grp = 0; grp < g / 4; ++grp) {
+    __m512i parts[amx::max_dim / 64][8];  // (chunk, 4 p + h): 64 bytes of levels
+    for (std::size_t hl = 0; hl < 4; ++hl) {
+      const std::size_t h = 4 * grp + hl;
+      __m512 x[amx::max_dim / 16];
+      __m512 m = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+      for (std::size_t c = 0; c < dim / 16; ++c) {
+        const __m512 qv = _mm512_loadu_ps(q + h * dim + 16 * c);
+        x[c] = _mm512_mul_ps(qv, _mm512_loadu_ps(scl + 16 * c));
+        b = _mm512_fmadd_ps(qv, _mm512_loadu_ps(mins + 16 * c), b);
+        m = _mm512_max_ps(m, _mm512_abs_ps(x[c]));
+      }
+      bias[h] = _mm512_reduce_add_ps(b);
+      const float amax = _mm512_reduce_max_ps(m);
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      for (std::size_t c = 0; c < chunks; ++c) {
+        // hi = round(v) (|v| <= 127), lo = round(256 (v - hi)), packed to
+        // bytes with saturation (lo = 128 becomes 127). The packs work per
+        // 128-bit lane: dword 4 L + m of the result holds the chunk's dword
+        // 4 m + L (its dimensions 16 m + 4 L ..), undone where rows are
+        // stored below.
+        __m512i h32[4], l32[4];
+        for (std::size_t k = 0; k < 4; ++k) {
+          const __m512 v = _mm512_mul_ps(x[4 * c + k], inv);
+          h32[k] = _mm512_cvtps_epi32(v);
+          l32[k] = _mm512_cvtps_epi32(
+              _mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(h32[k])), _mm512_set1_ps(256.f)));
+        }
+        parts[c][hl] = _mm512_packs_epi16(_mm512_packs_epi32(h32[0], h32[1]),
+                                          _mm512_packs_epi32(h32[2], h32[3]));
+        parts[c][4 + hl] = _mm512_packs_epi16(_mm512_packs_epi32(l32[0], l32[1]),
+                                              _mm512_packs_epi32(l32[2], l32[3]));
+      }
+      auto* qf = const_cast<float*>(t.qf(grp, 0));
+      const float sq = amax / 127.f;
+      qf[2 * hl] = qf[2 * hl + 1] = sq;
+      qf[8 + 2 * hl] = qf[8 + 2 * hl + 1] = sq / 256.f;
+    }
+    for (std::size_t c = 0; c < chunks; ++c) {
+      __m512i rows[16], cols[16];
+      for (std::size_t l = 0; l < 16; ++l) rows[l] = parts[c][4 * (l / 8) + (l % 8) / 2];
+      transpose16(rows, cols);
+      auto* B = const_cast<std::int8_t*>(t.b(grp, c));
+      for (std::size_t j = 0; j < 16; ++j) {
+        const std::size_t r = 4 * (j % 4) + j / 4;  // the dword the packs put at j
+        _mm512_mask_storeu_epi32(B + 64 * r, r < 8 ? 0x5555 : 0xaaaa, cols[j]);
+      }
+    }
+  }
+}
+
+//! Scores of 16 unpacked key rows (A, astride apart; nv of them valid) of
+//! one group for g heads into sc (g rows, score_stride apart), -inf past nv.
+inline void quarter(const std::int8_t* A, std::size_t astride, std::size_t g, std::size_t dim,
+                    const amx::query_tiles& q, const float* bias, std::int32_t* cbuf, float* sc,
+                    std::size_t nv, prefetch_cursor& pf) noexcept {
+  const __mmask16 valid = static_cast<__mmask16>((1u << nv) - 1u);
+  for (std::size_t grp = 0; grp < g / 4; ++grp) {
+    // Even and odd chunks in their own registers, operands and sums: a load
+    // into a register a product still reads, or a product into the sum of
+    // the one before, would wait for it (integer sums add exactly after).
+    _tile_zero(4);
+    _tile_zero(5);
+    for (std::size_t c = 0; c < dim / 64; c += 2) {
+      KVCACHE_TILE_LOAD(0, A + 64 * c, static_cast<long>(astride));
+      KVCACHE_TILE_LOAD(2, q.b(grp, c), 64);
+      if (c + 1 < dim / 64) {
+        KVCACHE_TILE_LOAD(1, A + 64 * (c + 1), static_cast<long>(astride));
+        KVCACHE_TILE_LOAD(3, q.b(grp, c + 1), 64);
+      }
+      _tile_dpbssd(4, 0, 2);
+      if (c + 1 < dim / 64) _tile_dpbssd(5, 1, 3);
+    }
+    KVCACHE_TILE_STORE(4, cbuf, 64);
+    KVCACHE_TILE_STORE(5, cbuf + 256, 64);
+    const __m512 qf = _mm512_loadu_ps(q.qf(grp, 0));
+    __m512 y[16];
+    for (std::size_t t = 0; t < 16; ++t) {
+      pf.issue();
+      const __m512i sum = _mm512_add_epi32(_mm512_loadu_si512(cbuf + 16 * t),
+                                           _mm512_loadu_si512(cbuf + 256 + 16 * t));
+      y[t] = _mm512_mul_ps(_mm512_cvtepi32_ps(sum), qf);
+    }
+    __m512 out[4];
+    amx::heads_by_token(y, out);
+    for (std::size_t h = 0; h < 4; ++h)
+      _mm512_storeu_ps(
+          sc + (4 * grp + h) * score_stride,
+          _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY),
+                               _mm512_add_ps(out[h], _mm512_set1_ps(bias[4 * grp + h]))));
+  }
+}
+#endif
+
+}  // namespace kchan_tiles
+
 //! Floats of per-worker scratch decode_kchan_task needs.
 inline std::size_t decode_kchan_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim;
-  // + integer P.V's int16 weights and per-(head, block) min sums.
-  return g * score_stride + 4 * g + g * dim + 2 * dim + g * dim + 128;
+  // + integer P.V's int16 weights and per-(head, block) min sums, and the
+  // tile unit's query tiles and scratch (64-byte aligned).
+  const std::size_t sets = amx::tile_tokens / 16;  // a tile's groups at most
+  const std::size_t tiles =
+      sets * (amx::query_bytes(g, dim) + g * sizeof(float)) + amx::tile_scratch::bytes(dim) + 64;
+  return g * score_stride + 4 * g + g * dim + 2 * dim + g * dim + 128 + tiles / sizeof(float) + 1;
 }
 
 //! Decode items [first, first + count), one after another.
@@ -314,6 +508,28 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
     use_int_v = vnni::supported_dim<FV>(dim) && g <= 64 && dim <= 2048;
     vw = reinterpret_cast<std::int16_t*>(vbias + g * (dim / FV::group) * 16);
   }
+  // Keys (and values) on the tile unit where it is available.
+  [[maybe_unused]] bool use_tiles = false;
+  // One set of query tiles and score biases per group of a tile: all are
+  // written before the tile's other work, which gives the stores time to
+  // reach the cache before the tile loads read them (loaded at once, the
+  // first product waited ~15% of decode's time).
+  constexpr std::size_t sets = amx::tile_tokens / 16;
+  [[maybe_unused]] amx::query_tiles qt[sets] = {};
+  [[maybe_unused]] float* tbias = nullptr;  // (sets, g)
+  [[maybe_unused]] amx::tile_scratch ts{};
+  if constexpr (channel_tile_keys<P>()) {
+    use_tiles = amx::supported_shape<FV>(dim, g) && amx::available();
+    if (use_tiles) {
+      auto a = reinterpret_cast<std::uintptr_t>(vbias + g * dim);  // past vbias and vw
+      a = (a + 63) & ~std::uintptr_t{63};
+      for (std::size_t k = 0; k < sets; ++k)
+        qt[k] = {reinterpret_cast<std::byte*>(a) + k * amx::query_bytes(g, dim), dim / 64};
+      ts = {qt[0].base + sets * amx::query_bytes(g, dim), dim};
+      tbias = reinterpret_cast<float*>(ts.base + amx::tile_scratch::bytes(dim));
+      amx::configure();
+    }
+  }
   for (std::size_t idx = first; idx < first + count; ++idx) {
     decode_stream s;
     start_stream(s, plan, seqs, idx, qs, qs_sink, partial, ml, g, dim);
@@ -324,11 +540,97 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
     const std::size_t res0 = sv.kv_len - sv.res_len;
     const std::uint16_t* res = kchan_residual(sv, L, layer, it.head);
     std::size_t group_pos = ~std::size_t{0};  // position of the group qk holds
-    if constexpr (int_v)
-      if (use_int_v)
+    if constexpr (int_v || channel_tile_keys<P>())
+      if (use_int_v || use_tiles)
         for (std::size_t k = 0; k < g * (dim / FV::group) * 16; ++k) vbias[k] = 0.f;
+    // Per group, compute the query times its channel scales and q . min.
+    auto prepare_group = [&](std::size_t i) {
+      const std::size_t pos = kchan_position(sv, i), ph = pos % G;
+      group_pos = pos - ph;
+      kchan_group_scales<P>(sv, kr, i, ph, rb, dim, scl, mins);
+      for (std::size_t h = 0; h < g; ++h) {
+        vf b{};
+        for (std::size_t c = 0; c < nc; ++c) {
+          const vf q = load(s.q + h * dim + c * lanes);
+          store(qk + h * dim + c * lanes, q * load(scl + c * lanes));
+          b += q * load(mins + c * lanes);
+        }
+        bias[h] = tree_add(b);
+      }
+    };
+    if constexpr (channel_tile_keys<P>())
+      if (use_tiles) std::memset(qt[0].base, 0, sets * amx::query_bytes(g, dim));
+    [[maybe_unused]] std::size_t set_group[sets];
+    for (auto& x : set_group) x = ~std::size_t{0};
     while (s.t < it.end) {
       const std::size_t t = s.t;
+#if KVCACHE_HAS_AMX
+      if constexpr (channel_tile_keys<P>())
+        if (use_tiles) {
+          // Tiles of 64 tokens (the residual's of 32, scored in fp32). A
+          // quantized tile is one or more groups' segments; a segment that
+          // ends off a 16-token quarter ends the tile (a window's first
+          // group), so that every quarter lies in one group. (Sinks are whole
+          // groups: cache.hpp requires it.)
+          const bool residual = t >= res0;
+          std::size_t n = std::min({amx::tile_tokens, it.end - t, sv.run(t)});
+          struct segment {
+            std::size_t start, len, group;
+          } seg[amx::tile_tokens / 16];
+          std::size_t nseg = 0;
+          if (residual) {
+            n = std::min(n, quant_tile);
+          } else {
+            n = std::min(n, res0 - t);
+            for (std::size_t m = 0; m < n;) {
+              const std::size_t pos = kchan_position(sv, t + m), ph = pos % G;
+              std::size_t len = std::min(n - m, G - ph);
+              seg[nseg++] = {m, len, pos - ph};
+              m += len;
+              if (m % 16 != 0) n = m;
+            }
+          }
+          const std::byte* K = sv.row(kr, t, rb);
+          const std::byte* Vt = sv.row(vr, t, rb);
+          prefetch_cursor pf;
+          if (const std::size_t t2 = t + n; t2 < it.end)
+            pf = run_lines(sv.row(kr, t2, rb), sv.row(vr, t2, rb), rb,
+                           std::min({amx::tile_tokens, it.end - t2, sv.run(t2)}));
+          pf.spread(amx::issue_steps(g, dim));
+          for (std::size_t k = 0; k < nseg; ++k)
+            if (seg[k].group != set_group[k]) {
+              set_group[k] = seg[k].group;
+              const std::size_t i = t + seg[k].start;
+              kchan_group_scales<P>(sv, kr, i, kchan_position(sv, i) % G, rb, dim, scl, mins);
+              kchan_tiles::prepare(s.q, scl, mins, g, dim, qt[k], tbias + k * g);
+            }
+          amx::key_rows keys{};
+          if (!residual)
+            keys = amx::unpack_keys<kchan_tiles::codes<KF::bits>>(K, rb, n, dim, ts.keys());
+          amx_value_tiles<FV>(Vt, rb, n, dim, ts, pf);
+          if (residual) {
+            const std::uint16_t* R = res + (t - res0) * dim;
+            kchan_scores<HB>(
+                s.q, nullptr, n, g, dim, sc,
+                [&](std::size_t j, std::size_t c) {
+                  return load(reinterpret_cast<const half*>(R + j * dim) + c * lanes);
+                },
+                pf);
+          } else {
+            for (std::size_t k = 0; k < nseg; ++k) {
+              for (std::size_t r = seg[k].start; r < seg[k].start + seg[k].len; r += 16)
+                kchan_tiles::quarter(keys.a + r * keys.stride, keys.stride, g, dim, qt[k],
+                                     tbias + k * g, ts.c(), sc + r,
+                                     std::min<std::size_t>(16, seg[k].start + seg[k].len - r), pf);
+            }
+          }
+          quant_softmax(s, g, sc, corr, std::min(amx::tile_tokens, (n + 15) / 16 * 16));
+          amx_tile_values<FV>(Vt, rb, n, g, dim, sc, corr, s.o, dim + 1, vbias, ts, pf);
+          pf.finish();
+          s.t += n;
+          continue;
+        }
+#endif
       std::size_t n = std::min({quant_tile, it.end - t, sv.run(t)});
       // The next tile's K and V rows, requested over this tile's score steps
       // (decode_quant.hpp's cursor): the group's scales are gathered from
@@ -347,19 +649,7 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
       } else {
         const std::size_t pos = kchan_position(sv, t), ph = pos % G;
         n = std::min({n, res0 - t, G - ph});
-        if (pos - ph != group_pos) {
-          group_pos = pos - ph;
-          kchan_group_scales<P>(sv, kr, t, ph, rb, dim, scl, mins);
-          for (std::size_t h = 0; h < g; ++h) {
-            vf b{};
-            for (std::size_t c = 0; c < nc; ++c) {
-              const vf q = load(s.q + h * dim + c * lanes);
-              store(qk + h * dim + c * lanes, q * load(scl + c * lanes));
-              b += q * load(mins + c * lanes);
-            }
-            bias[h] = tree_add(b);
-          }
-        }
+        if (pos - ph != group_pos) prepare_group(t);
         const std::byte* K = sv.row(kr, t, rb);
         kchan_scores<HB>(
             qk, bias, n, g, dim, sc,
@@ -377,10 +667,15 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
       pf.finish();
       s.t += n;
     }
-    if constexpr (int_v)
-      if (use_int_v) add_value_mins<FV>(vbias, g, dim, s.o);
+    if constexpr (channel_tile_keys<P>())
+      if (use_tiles)
+        for (std::size_t h = 0; h < g; ++h) amx::unpermute_output(s.o + h * (dim + 1), dim);
+    if constexpr (int_v || channel_tile_keys<P>())
+      if (use_int_v || use_tiles) add_value_mins<FV>(vbias, g, dim, s.o);
     finish_stream(s, g, dim);
   }
+  if constexpr (channel_tile_keys<P>())
+    if (use_tiles) amx::release();
 }
 
 template <class P, std::size_t D>
