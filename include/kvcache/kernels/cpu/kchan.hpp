@@ -336,88 +336,89 @@ struct codes {
 };
 
 #if KVCACHE_HAS_AMX
-//! The 16 x 16 transpose of dwords: out[c] lane r = in[r] lane c.
-KVCACHE_ALWAYS_INLINE void transpose16(const __m512i* in, __m512i* out) noexcept {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(in[2 * i], in[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(in[2 * i], in[2 * i + 1]);
-  }
-  // u[4 i + k], 128-bit lane L: column 4 L + k of rows 4 i .. 4 i + 3.
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int k = 0; k < 4; ++k) {
-    const __m512i v0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);
-    const __m512i v1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xdd);
-    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
-    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xdd);
-    out[k] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-    out[8 + k] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
-    out[4 + k] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-    out[12 + k] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
-  }
+//! An item's query heads, four at a time, in rows of four dimensions: row R
+//! of group grp (16 floats at qi + (grp dim / 4 + R) 16) holds dimensions
+//! 4 R .. 4 R + 3 of heads 4 grp .. 4 grp + 3, head-major, which is the B
+//! tiles' order (prepare). Once per item.
+KVCACHE_ALWAYS_INLINE void interleave_query(const float* q, std::size_t g, std::size_t dim,
+                                            float* qi) noexcept {
+  for (std::size_t grp = 0; grp < g / 4; ++grp)
+    for (std::size_t R = 0; R < dim / 4; ++R) {
+      const float* h0 = q + 4 * grp * dim + 4 * R;
+      __m512 x = _mm512_castps128_ps512(_mm_loadu_ps(h0));
+      x = _mm512_insertf32x4(x, _mm_loadu_ps(h0 + dim), 1);
+      x = _mm512_insertf32x4(x, _mm_loadu_ps(h0 + 2 * dim), 2);
+      x = _mm512_insertf32x4(x, _mm_loadu_ps(h0 + 3 * dim), 3);
+      _mm512_storeu_ps(qi + (grp * (dim / 4) + R) * 16, x);
+    }
 }
 
-//! Writes the B tiles and lane factors of g query heads (g x dim) times the
-//! group's channel scales into t, and each head's q . min into bias. One
-//! factor per head: qk ~= sq (hi + lo / 256), sq = max |qk| / 127. Row r of
-//! a chunk's tile (dimensions 4 r .. 4 r + 3) holds lane 8 p + 2 h + j only
-//! for j = r / 8: the rows are the transpose of 16 lane vectors (lanes 2 h
-//! and 2 h + 1 both part p of head h), stored under that mask, and the
-//! other lanes stay the zeros the caller wrote once per item.
-inline void prepare(const float* q, const float* scl, const float* mins, std::size_t g,
-                    std::size_t dim, const amx::query_tiles& t, float* bias) noexcept {
-  const std::size_t chunks = dim / 64;
+//! Writes the B tiles and lane factors of the query (interleave_query's qi)
+//! times the group's channel scales into t, and each head's q . min into
+//! bias. One factor per head: qk ~= sq (hi + lo / 256), sq = max |qk| / 127.
+//! Row r of a chunk's tile (dimensions 4 r .. 4 r + 3) holds lane
+//! 8 p + 2 h + j, part p of head h, for j = r / 8 and zero in the others.
+//! Working on qi's rows, the products, maxima and sums of the four heads
+//! share vectors, and four rows' levels pack into one vector whose dword
+//! 4 h + m is row m's of head h: one permute per tile row places them.
+KVCACHE_ALWAYS_INLINE void prepare(const float* qi, const float* scl, const float* mins,
+                                   std::size_t g, std::size_t dim, const amx::query_tiles& t,
+                                   float* bias) noexcept {
+  const std::size_t rows = dim / 4;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Lane l = 8 p + 2 h + j takes dword 4 h + m of the hi (p = 0) or lo
+  // (p = 1, + 16) levels; head h's factor is in lane 4 h of the maxima.
+  const __m512i head4 =
+      _mm512_slli_epi32(_mm512_srli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(7)), 1), 2);
+  const __m512i from = _mm512_add_epi32(head4, _mm512_slli_epi32(_mm512_srli_epi32(lane, 3), 4));
+  const __m512 part = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(1.f / 127.f),
+                                           _mm512_set1_ps(1.f / (127.f * 256.f)));
   for (std::size_t grp = 0; grp < g / 4; ++grp) {
-    __m512i parts[amx::max_dim / 64][8];  // (chunk, 4 p + h): 64 bytes of levels
-    for (std::size_t hl = 0; hl < 4; ++hl) {
-      const std::size_t h = 4 * grp + hl;
-      __m512 x[amx::max_dim / 16];
-      __m512 m = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-      for (std::size_t c = 0; c < dim / 16; ++c) {
-        const __m512 qv = _mm512_loadu_ps(q + h * dim + 16 * c);
-        x[c] = _mm512_mul_ps(qv, _mm512_loadu_ps(scl + 16 * c));
-        b = _mm512_fmadd_ps(qv, _mm512_loadu_ps(mins + 16 * c), b);
-        m = _mm512_max_ps(m, _mm512_abs_ps(x[c]));
-      }
-      bias[h] = _mm512_reduce_add_ps(b);
-      const float amax = _mm512_reduce_max_ps(m);
-      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-      for (std::size_t c = 0; c < chunks; ++c) {
-        // hi = round(v) (|v| <= 127), lo = round(256 (v - hi)), packed to
-        // bytes with saturation (lo = 128 becomes 127). The packs work per
-        // 128-bit lane: dword 4 L + m of the result holds the chunk's dword
-        // 4 m + L (its dimensions 16 m + 4 L ..), undone where rows are
-        // stored below.
+    const float* Q = qi + grp * rows * 16;
+    __m512 m = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (std::size_t R = 0; R < rows; ++R) {
+      const __m512 qv = _mm512_loadu_ps(Q + 16 * R);
+      const __m512 x = _mm512_mul_ps(qv, _mm512_broadcast_f32x4(_mm_loadu_ps(scl + 4 * R)));
+      b = _mm512_fmadd_ps(qv, _mm512_broadcast_f32x4(_mm_loadu_ps(mins + 4 * R)), b);
+      m = _mm512_max_ps(m, _mm512_abs_ps(x));
+    }
+    // Each head's four lanes: its maximum and its sum in all of them.
+    m = _mm512_max_ps(m, _mm512_permute_ps(m, 0xb1));
+    m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4e));
+    b = _mm512_add_ps(b, _mm512_permute_ps(b, 0xb1));
+    b = _mm512_add_ps(b, _mm512_permute_ps(b, 0x4e));
+    _mm_storeu_ps(bias + 4 * grp, _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, b)));
+    const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                           _mm512_set1_ps(127.f), m);
+    _mm512_storeu_ps(const_cast<float*>(t.qf(grp, 0)),
+                     _mm512_mul_ps(_mm512_permutexvar_ps(head4, m), part));
+    for (std::size_t c = 0; c < dim / 64; ++c) {
+      auto* B = const_cast<std::int8_t*>(t.b(grp, c));
+      for (std::size_t r0 = 0; r0 < 16; r0 += 4) {
+        // hi = round(v) (|v| <= 127), lo = round(256 (v - hi)), saturated
+        // to bytes (lo = 128 becomes 127).
         __m512i h32[4], l32[4];
         for (std::size_t k = 0; k < 4; ++k) {
-          const __m512 v = _mm512_mul_ps(x[4 * c + k], inv);
+          const std::size_t R = 16 * c + r0 + k;
+          const __m512 v =
+              _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(Q + 16 * R),
+                                          _mm512_broadcast_f32x4(_mm_loadu_ps(scl + 4 * R))),
+                            inv);
           h32[k] = _mm512_cvtps_epi32(v);
           l32[k] = _mm512_cvtps_epi32(
               _mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(h32[k])), _mm512_set1_ps(256.f)));
         }
-        parts[c][hl] = _mm512_packs_epi16(_mm512_packs_epi32(h32[0], h32[1]),
-                                          _mm512_packs_epi32(h32[2], h32[3]));
-        parts[c][4 + hl] = _mm512_packs_epi16(_mm512_packs_epi32(l32[0], l32[1]),
+        const __m512i hi = _mm512_packs_epi16(_mm512_packs_epi32(h32[0], h32[1]),
+                                              _mm512_packs_epi32(h32[2], h32[3]));
+        const __m512i lo = _mm512_packs_epi16(_mm512_packs_epi32(l32[0], l32[1]),
                                               _mm512_packs_epi32(l32[2], l32[3]));
-      }
-      auto* qf = const_cast<float*>(t.qf(grp, 0));
-      const float sq = amax / 127.f;
-      qf[2 * hl] = qf[2 * hl + 1] = sq;
-      qf[8 + 2 * hl] = qf[8 + 2 * hl + 1] = sq / 256.f;
-    }
-    for (std::size_t c = 0; c < chunks; ++c) {
-      __m512i rows[16], cols[16];
-      for (std::size_t l = 0; l < 16; ++l) rows[l] = parts[c][4 * (l / 8) + (l % 8) / 2];
-      transpose16(rows, cols);
-      auto* B = const_cast<std::int8_t*>(t.b(grp, c));
-      for (std::size_t j = 0; j < 16; ++j) {
-        const std::size_t r = 4 * (j % 4) + j / 4;  // the dword the packs put at j
-        _mm512_mask_storeu_epi32(B + 64 * r, r < 8 ? 0x5555 : 0xaaaa, cols[j]);
+        for (std::size_t k = 0; k < 4; ++k) {
+          const std::size_t r = r0 + k;
+          const __m512i row = _mm512_maskz_permutex2var_epi32(
+              r < 8 ? 0x5555 : 0xaaaa, hi,
+              _mm512_add_epi32(from, _mm512_set1_epi32(static_cast<int>(k))), lo);
+          _mm512_storeu_si512(B + 64 * r, row);
+        }
       }
     }
   }
@@ -425,9 +426,10 @@ inline void prepare(const float* q, const float* scl, const float* mins, std::si
 
 //! Scores of 16 unpacked key rows (A, astride apart; nv of them valid) of
 //! one group for g heads into sc (g rows, score_stride apart), -inf past nv.
-inline void quarter(const std::int8_t* A, std::size_t astride, std::size_t g, std::size_t dim,
-                    const amx::query_tiles& q, const float* bias, std::int32_t* cbuf, float* sc,
-                    std::size_t nv, prefetch_cursor& pf) noexcept {
+KVCACHE_ALWAYS_INLINE void quarter(const std::int8_t* A, std::size_t astride, std::size_t g,
+                                   std::size_t dim, const amx::query_tiles& q, const float* bias,
+                                   std::int32_t* cbuf, float* sc, std::size_t nv,
+                                   prefetch_cursor& pf) noexcept {
   const __mmask16 valid = static_cast<__mmask16>((1u << nv) - 1u);
   for (std::size_t grp = 0; grp < g / 4; ++grp) {
     // Even and odd chunks in their own registers, operands and sums: a load
@@ -494,9 +496,9 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
   float* ml = sc + g * score_stride;  // (2, g)
   float* corr = ml + 2 * g;           // (g)
   float* bias = corr + g;             // (g)
-  float* qk = bias + g;               // (g, dim) queries times the group's scales
-  float* scl = qk + g * dim;          // (dim)
-  float* mins = scl + dim;            // (dim)
+  float* qk = bias + g;  // (g, dim) queries times the group's scales, or interleave_query's rows
+  float* scl = qk + g * dim;  // (dim)
+  float* mins = scl + dim;    // (dim)
   // Values are P's rows: with VNNI, P.V takes the integer path of
   // decode_quant.hpp (int16 weights, vpdpwssd) where P has one.
   using FV = typename format_of<V>::type;
@@ -558,8 +560,10 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
         bias[h] = tree_add(b);
       }
     };
+#if KVCACHE_HAS_AMX
     if constexpr (channel_tile_keys<P>())
-      if (use_tiles) std::memset(qt[0].base, 0, sets * amx::query_bytes(g, dim));
+      if (use_tiles) kchan_tiles::interleave_query(s.q, g, dim, qk);
+#endif
     [[maybe_unused]] std::size_t set_group[sets];
     for (auto& x : set_group) x = ~std::size_t{0};
     while (s.t < it.end) {
@@ -602,7 +606,7 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
               set_group[k] = seg[k].group;
               const std::size_t i = t + seg[k].start;
               kchan_group_scales<P>(sv, kr, i, kchan_position(sv, i) % G, rb, dim, scl, mins);
-              kchan_tiles::prepare(s.q, scl, mins, g, dim, qt[k], tbias + k * g);
+              kchan_tiles::prepare(qk, scl, mins, g, dim, qt[k], tbias + k * g);
             }
           amx::key_rows keys{};
           if (!residual)
