@@ -300,10 +300,9 @@ constexpr double kchan_error_bound() noexcept {
 //
 // A group's scores are one integer product per token: the codes (0..15 or
 // 0..3, which tdpbssd takes as they are) by the query times the group's
-// channel scales, quantized once per group to two bytes per element with one
-// factor per head, qk ~= sq (hi + lo / 256). The B tiles keep amx.hpp's
-// lanes (8 p + 2 h + j: part, head, segment), so both 64-dimension chunks
-// add into one C tile and a token's score is its C row times a constant
+// channel scales, quantized once per group to three bytes per element with
+// one factor per head (prepare). Every 64-dimension chunk adds into the same
+// C lanes (four per head), so a token's score is its C row times a constant
 // vector of lane factors, summed per head (amx::heads_by_token), plus the
 // group's q . min. Per-token formats also scale each row by its own block
 // scales; here nothing depends on the token but its codes.
@@ -355,24 +354,31 @@ KVCACHE_ALWAYS_INLINE void interleave_query(const float* q, std::size_t g, std::
 
 //! Writes the B tiles and lane factors of the query (interleave_query's qi)
 //! times the group's channel scales into t, and each head's q . min into
-//! bias. One factor per head: qk ~= sq (hi + lo / 256), sq = max |qk| / 127.
-//! Row r of a chunk's tile (dimensions 4 r .. 4 r + 3) holds lane
-//! 8 p + 2 h + j, part p of head h, for j = r / 8 and zero in the others.
-//! Working on qi's rows, the products, maxima and sums of the four heads
-//! share vectors, and four rows' levels pack into one vector whose dword
-//! 4 h + m is row m's of head h: one permute per tile row places them.
+//! bias. One factor per head and three bytes per element, qk ~= sq (hi +
+//! mid / 256 + lo / 65536), sq = max |qk| / 127: the x15 outlier channels'
+//! scales make their products the largest, and with two bytes the others'
+//! rounding against them moved outputs by up to 1.5e-3 on the fidelity data.
+//! Head h's parts go to lanes 2 h (hi), 2 h + 1 (mid) and 8 + 2 h (lo);
+//! lane 9 + 2 h is zero, so amx::heads_by_token sums them. Working on qi's
+//! rows, the products, maxima and sums of four heads share vectors, and four
+//! rows' levels pack into one vector whose dword 4 h + m is row m's of head
+//! h: two permutes place each tile row.
 KVCACHE_ALWAYS_INLINE void prepare(const float* qi, const float* scl, const float* mins,
                                    std::size_t g, std::size_t dim, const amx::query_tiles& t,
                                    float* bias) noexcept {
   const std::size_t rows = dim / 4;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  // Lane l = 8 p + 2 h + j takes dword 4 h + m of the hi (p = 0) or lo
-  // (p = 1, + 16) levels; head h's factor is in lane 4 h of the maxima.
+  // 4 h for lane 2 h + j or 8 + 2 h + j: where head h's dwords and its
+  // maximum are; lanes 2 h + 1 take theirs from the second source (+ 16).
   const __m512i head4 =
       _mm512_slli_epi32(_mm512_srli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(7)), 1), 2);
-  const __m512i from = _mm512_add_epi32(head4, _mm512_slli_epi32(_mm512_srli_epi32(lane, 3), 4));
-  const __m512 part = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(1.f / 127.f),
-                                           _mm512_set1_ps(1.f / (127.f * 256.f)));
+  const __m512i from =
+      _mm512_add_epi32(head4, _mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(1)), 4));
+  const __m512 part = _mm512_setr_ps(1.f / 127, 1.f / (127 * 256.f), 1.f / 127, 1.f / (127 * 256.f),
+                                     1.f / 127, 1.f / (127 * 256.f), 1.f / 127, 1.f / (127 * 256.f),
+                                     1.f / (127 * 65536.f), 0.f, 1.f / (127 * 65536.f), 0.f,
+                                     1.f / (127 * 65536.f), 0.f, 1.f / (127 * 65536.f), 0.f);
+  const __m512 s256 = _mm512_set1_ps(256.f);
   for (std::size_t grp = 0; grp < g / 4; ++grp) {
     const float* Q = qi + grp * rows * 16;
     __m512 m = _mm512_setzero_ps(), b = _mm512_setzero_ps();
@@ -395,29 +401,28 @@ KVCACHE_ALWAYS_INLINE void prepare(const float* qi, const float* scl, const floa
     for (std::size_t c = 0; c < dim / 64; ++c) {
       auto* B = const_cast<std::int8_t*>(t.b(grp, c));
       for (std::size_t r0 = 0; r0 < 16; r0 += 4) {
-        // hi = round(v) (|v| <= 127), lo = round(256 (v - hi)), saturated
-        // to bytes (lo = 128 becomes 127).
-        __m512i h32[4], l32[4];
+        // Each part the rounded remainder of the one before, times 256
+        // (|v| <= 127; a remainder of exactly 128 saturates to 127).
+        __m512i p32[3][4];
         for (std::size_t k = 0; k < 4; ++k) {
           const std::size_t R = 16 * c + r0 + k;
-          const __m512 v =
-              _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(Q + 16 * R),
-                                          _mm512_broadcast_f32x4(_mm_loadu_ps(scl + 4 * R))),
-                            inv);
-          h32[k] = _mm512_cvtps_epi32(v);
-          l32[k] = _mm512_cvtps_epi32(
-              _mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(h32[k])), _mm512_set1_ps(256.f)));
+          __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(Q + 16 * R),
+                                                 _mm512_broadcast_f32x4(_mm_loadu_ps(scl + 4 * R))),
+                                   inv);
+          for (std::size_t pt = 0; pt < 3; ++pt) {
+            p32[pt][k] = _mm512_cvtps_epi32(v);
+            v = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(p32[pt][k])), s256);
+          }
         }
-        const __m512i hi = _mm512_packs_epi16(_mm512_packs_epi32(h32[0], h32[1]),
-                                              _mm512_packs_epi32(h32[2], h32[3]));
-        const __m512i lo = _mm512_packs_epi16(_mm512_packs_epi32(l32[0], l32[1]),
-                                              _mm512_packs_epi32(l32[2], l32[3]));
+        __m512i lv[3];
+        for (std::size_t pt = 0; pt < 3; ++pt)
+          lv[pt] = _mm512_packs_epi16(_mm512_packs_epi32(p32[pt][0], p32[pt][1]),
+                                      _mm512_packs_epi32(p32[pt][2], p32[pt][3]));
         for (std::size_t k = 0; k < 4; ++k) {
-          const std::size_t r = r0 + k;
-          const __m512i row = _mm512_maskz_permutex2var_epi32(
-              r < 8 ? 0x5555 : 0xaaaa, hi,
-              _mm512_add_epi32(from, _mm512_set1_epi32(static_cast<int>(k))), lo);
-          _mm512_storeu_si512(B + 64 * r, row);
+          const __m512i ix = _mm512_add_epi32(from, _mm512_set1_epi32(static_cast<int>(k)));
+          __m512i row = _mm512_maskz_permutex2var_epi32(0x00ff, lv[0], ix, lv[1]);
+          row = _mm512_mask_permutexvar_epi32(row, 0x5500, ix, lv[2]);
+          _mm512_storeu_si512(B + 64 * (r0 + k), row);
         }
       }
     }
