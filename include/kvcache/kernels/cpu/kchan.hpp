@@ -284,7 +284,7 @@ KVCACHE_ALWAYS_INLINE void kchan_scores(const float* qk, const float* bias, std:
 //! cache's own decoded rows: fp32 rounding on the float paths (1e-4); with
 //! integer P.V (VNNI, P's values int8 or int4; the tile unit, int2 too),
 //! the rounded softmax weights add up to ~3e-4 on the fidelity data, and
-//! keys on the tile unit round the scaled query to two bytes: both held to
+//! keys on the tile unit round the scaled query to three bytes: both held to
 //! decode_quant.hpp's 1e-3.
 template <class P>
 constexpr bool channel_tile_keys() noexcept;
@@ -565,6 +565,16 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
         bias[h] = tree_add(b);
       }
     };
+    // Residual keys (fp16 rows) [t, t + n), scored in fp32 on every path.
+    auto residual_scores = [&](std::size_t t, std::size_t n, prefetch_cursor& pf) {
+      const std::uint16_t* R = res + (t - res0) * dim;
+      kchan_scores<HB>(
+          s.q, nullptr, n, g, dim, sc,
+          [&](std::size_t j, std::size_t c) {
+            return load(reinterpret_cast<const half*>(R + j * dim) + c * lanes);
+          },
+          pf);
+    };
 #if KVCACHE_HAS_AMX
     if constexpr (channel_tile_keys<P>())
       if (use_tiles) kchan_tiles::interleave_query(s.q, g, dim, qk);
@@ -618,13 +628,7 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
             keys = amx::unpack_keys<kchan_tiles::codes<KF::bits>>(K, rb, n, dim, ts.keys());
           amx_value_tiles<FV>(Vt, rb, n, dim, ts, pf);
           if (residual) {
-            const std::uint16_t* R = res + (t - res0) * dim;
-            kchan_scores<HB>(
-                s.q, nullptr, n, g, dim, sc,
-                [&](std::size_t j, std::size_t c) {
-                  return load(reinterpret_cast<const half*>(R + j * dim) + c * lanes);
-                },
-                pf);
+            residual_scores(t, n, pf);
           } else {
             for (std::size_t k = 0; k < nseg; ++k) {
               for (std::size_t r = seg[k].start; r < seg[k].start + seg[k].len; r += 16)
@@ -648,13 +652,7 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
       prefetch_cursor pf = next_tile_lines(sv.row(kr, t, rb), sv.row(vr, t, rb), rb);
       pf.spread((g / HB) * (quant_tile / (lanes / HB)));
       if (t >= res0) {
-        const std::uint16_t* K = res + (t - res0) * dim;
-        kchan_scores<HB>(
-            s.q, nullptr, n, g, dim, sc,
-            [&](std::size_t j, std::size_t c) {
-              return load(reinterpret_cast<const half*>(K + j * dim) + c * lanes);
-            },
-            pf);
+        residual_scores(t, n, pf);
       } else {
         const std::size_t pos = kchan_position(sv, t), ph = pos % G;
         n = std::min({n, res0 - t, G - ph});
