@@ -246,6 +246,18 @@ inline constexpr std::size_t quant_tile = 32;
 //! Floats between two heads' rows of a tile's scores: room for any tile.
 inline constexpr std::size_t score_stride = std::max(quant_tile, amx::tile_tokens);
 
+//! The lines of a stream's next tile, from token t2 to at most `tile` rows
+//! within its run (none at the item's end, `end`), kr and vr the K and V
+//! runs' offsets: the rows after this tile's in memory need not be the next
+//! tile's, as small pages put it elsewhere.
+inline prefetch_cursor next_tile_prefetch(const seq_view& sv, std::size_t kr, std::size_t vr,
+                                          std::size_t rb, std::size_t t2, std::size_t end,
+                                          std::size_t tile) noexcept {
+  if (t2 >= end) return {};
+  return run_lines(sv.row(kr, t2, rb), sv.row(vr, t2, rb), rb,
+                   std::min({tile, end - t2, sv.run(t2)}));
+}
+
 //! Floats of per-worker scratch decode_quant_task needs beyond decode.hpp's.
 inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim, nb = dim / 32;
@@ -640,12 +652,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // streams' tiles are done it is in cache. Quantized rows are read
       // faster than the prefetchers ramp up on 8 streams, and the first
       // touch would otherwise be a gather of scales that stalls on DRAM.
-      // (The rows after this tile's in memory need not be the next tile's:
-      // small pages put it elsewhere.)
-      prefetch_cursor pf;
-      if (const std::size_t t2 = s.t + n; t2 < it.end)
-        pf = run_lines(sv.row(kr, t2, rb), sv.row(vr, t2, rb), rb,
-                       std::min({tile, it.end - t2, sv.run(t2)}));
+      prefetch_cursor pf = next_tile_prefetch(sv, kr, vr, rb, s.t + n, it.end, tile);
       // Spread over the tile's steps on the tile unit (the whole tile: with
       // the requests only in the scores, int8 from DRAM ran 5% slower, the
       // fill buffers queueing them), over the scores' steps otherwise (2 x

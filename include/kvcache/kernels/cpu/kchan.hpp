@@ -181,9 +181,8 @@ void kchan_group_scales(const seq_view& sv, std::size_t kr, std::size_t i, std::
   const std::size_t pr = KF::per_row(dim), so = KF::scale_offset(dim), mo = KF::min_offset(dim);
   auto gather = [&](std::size_t r, const std::byte* prow) {
 #if defined(__F16C__)
-    // A row's scales and mins are 4 pr contiguous bytes (min_offset follows
-    // the scales): four channels' of each per conversion.
-    if (pr % 4 == 0 && mo == so + 2 * pr) {
+    // Four channels' scales and mins per conversion.
+    if (pr % 4 == 0) {
       for (std::size_t j = 0; j < pr; j += 4) {
         const auto* sp = reinterpret_cast<const __m128i*>(prow + so + 2 * j);
         const auto* mp = reinterpret_cast<const __m128i*>(prow + mo + 2 * j);
@@ -280,22 +279,6 @@ KVCACHE_ALWAYS_INLINE void kchan_scores(const float* qk, const float* bias, std:
   }
 }
 
-//! The relative L2 error decode may add to float64 attention over the
-//! cache's own decoded rows: fp32 rounding on the float paths (1e-4); with
-//! integer P.V (VNNI, P's values int8 or int4; the tile unit, int2 too),
-//! the rounded softmax weights add up to ~3e-4 on the fidelity data, and
-//! keys on the tile unit round the scaled query to three bytes: both held to
-//! decode_quant.hpp's 1e-3.
-template <class P>
-constexpr bool channel_tile_keys() noexcept;
-template <class P>
-constexpr double kchan_error_bound() noexcept {
-  if constexpr (channel_keys<P>)
-    return integer_values<typename P::value_precision>() || channel_tile_keys<P>() ? 1e-3 : 1e-4;
-  else
-    return 1e-4;
-}
-
 // ---- keys on the tile unit --------------------------------------------------
 //
 // A group's scores are one integer product per token: the codes (0..15 or
@@ -322,6 +305,20 @@ constexpr bool channel_tile_keys() noexcept {
   } else {
     return false;
   }
+}
+
+//! The relative L2 error decode may add to float64 attention over the
+//! cache's own decoded rows: fp32 rounding on the float paths (1e-4); with
+//! integer P.V (VNNI, P's values int8 or int4; the tile unit, int2 too),
+//! the rounded softmax weights add up to ~3e-4 on the fidelity data, and
+//! keys on the tile unit round the scaled query to three bytes: both held to
+//! decode_quant.hpp's 1e-3.
+template <class P>
+constexpr double kchan_error_bound() noexcept {
+  if constexpr (channel_keys<P>)
+    return integer_values<typename P::value_precision>() || channel_tile_keys<P>() ? 1e-3 : 1e-4;
+  else
+    return 1e-4;
 }
 
 namespace kchan_tiles {
@@ -550,9 +547,10 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
     if constexpr (int_v || channel_tile_keys<P>())
       if (use_int_v || use_tiles)
         for (std::size_t k = 0; k < g * (dim / FV::group) * 16; ++k) vbias[k] = 0.f;
-    // Per group, compute the query times its channel scales and q . min.
-    auto prepare_group = [&](std::size_t i) {
-      const std::size_t pos = kchan_position(sv, i), ph = pos % G;
+    // Per group, from cache index i at position pos: the query times its
+    // channel scales and q . min.
+    auto prepare_group = [&](std::size_t i, std::size_t pos) {
+      const std::size_t ph = pos % G;
       group_pos = pos - ph;
       kchan_group_scales<P>(sv, kr, i, ph, rb, dim, scl, mins);
       for (std::size_t h = 0; h < g; ++h) {
@@ -594,7 +592,7 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
           const bool residual = t >= res0;
           std::size_t n = std::min({amx::tile_tokens, it.end - t, sv.run(t)});
           struct segment {
-            std::size_t start, len, group;
+            std::size_t start, len, pos;  // pos: the position of its first token
           } seg[amx::tile_tokens / 16];
           std::size_t nseg = 0;
           if (residual) {
@@ -604,23 +602,19 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
             for (std::size_t m = 0; m < n;) {
               const std::size_t pos = kchan_position(sv, t + m), ph = pos % G;
               std::size_t len = std::min(n - m, G - ph);
-              seg[nseg++] = {m, len, pos - ph};
+              seg[nseg++] = {m, len, pos};
               m += len;
               if (m % 16 != 0) n = m;
             }
           }
           const std::byte* K = sv.row(kr, t, rb);
           const std::byte* Vt = sv.row(vr, t, rb);
-          prefetch_cursor pf;
-          if (const std::size_t t2 = t + n; t2 < it.end)
-            pf = run_lines(sv.row(kr, t2, rb), sv.row(vr, t2, rb), rb,
-                           std::min({amx::tile_tokens, it.end - t2, sv.run(t2)}));
+          prefetch_cursor pf = next_tile_prefetch(sv, kr, vr, rb, t + n, it.end, amx::tile_tokens);
           pf.spread(amx::issue_steps(g, dim));
           for (std::size_t k = 0; k < nseg; ++k)
-            if (seg[k].group != set_group[k]) {
-              set_group[k] = seg[k].group;
-              const std::size_t i = t + seg[k].start;
-              kchan_group_scales<P>(sv, kr, i, kchan_position(sv, i) % G, rb, dim, scl, mins);
+            if (const std::size_t ph = seg[k].pos % G; seg[k].pos - ph != set_group[k]) {
+              set_group[k] = seg[k].pos - ph;
+              kchan_group_scales<P>(sv, kr, t + seg[k].start, ph, rb, dim, scl, mins);
               kchan_tiles::prepare(qk, scl, mins, g, dim, qt[k], tbias + k * g);
             }
           amx::key_rows keys{};
@@ -645,18 +639,18 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
         }
 #endif
       std::size_t n = std::min({quant_tile, it.end - t, sv.run(t)});
+      const std::size_t pos = t < res0 ? kchan_position(sv, t) : 0;
+      if (t < res0) n = std::min({n, res0 - t, G - pos % G});
       // The next tile's K and V rows, requested over this tile's score steps
       // (decode_quant.hpp's cursor): the group's scales are gathered from
       // all of its rows when the tile starts, which otherwise waits on DRAM
       // for each row.
-      prefetch_cursor pf = next_tile_lines(sv.row(kr, t, rb), sv.row(vr, t, rb), rb);
+      prefetch_cursor pf = next_tile_prefetch(sv, kr, vr, rb, t + n, it.end, quant_tile);
       pf.spread((g / HB) * (quant_tile / (lanes / HB)));
       if (t >= res0) {
         residual_scores(t, n, pf);
       } else {
-        const std::size_t pos = kchan_position(sv, t), ph = pos % G;
-        n = std::min({n, res0 - t, G - ph});
-        if (pos - ph != group_pos) prepare_group(t);
+        if (pos - pos % G != group_pos) prepare_group(t, pos);
         const std::byte* K = sv.row(kr, t, rb);
         kchan_scores<HB>(
             qk, bias, n, g, dim, sc,

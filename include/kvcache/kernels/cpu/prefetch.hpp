@@ -70,13 +70,6 @@ inline prefetch_cursor run_lines(const std::byte* K, const std::byte* V, std::si
   return {{line_of(K)}, {line_of(V)}, {rows ? (rows * row_bytes + 63) / 64 + 1 : 0}};
 }
 
-//! The cursor over the `tile` rows after the ones at K and V (contiguous
-//! storage: the next tile of a run).
-inline prefetch_cursor next_tile_lines(const std::byte* K, const std::byte* V,
-                                       std::size_t row_bytes, std::size_t tile = 32) noexcept {
-  return run_lines(K + tile * row_bytes, V + tile * row_bytes, row_bytes, tile);
-}
-
 }  // namespace detail
 }  // namespace v0
 }  // namespace kvcache
