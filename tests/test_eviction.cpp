@@ -319,6 +319,11 @@ TEST_CASE("quantized caches under sinks and windows, at every step", "[eviction]
                                                                        128);
   check_stream<cache<gqa<>, paged<>, attention_sinks<>, int2_kv>>(llama_rope(64), 3, 37, 60, 8,
                                                                   128);
+  // fp8 on the tile unit in bf16 (32-token tiles).
+  check_stream<cache<gqa<>, contiguous, attention_sinks<>, fp8_e4m3_kv<>>>(llama_rope(64), 4, 24,
+                                                                           60, 8, 128);
+  check_stream<cache<gqa<>, paged<>, sliding_window<>, fp8_e4m3_kv<>>>(llama_rope(64), 0, 40, 60, 8,
+                                                                       64);
 }
 
 TEST_CASE("per-channel keys under sinks and windows, at every step",

@@ -88,7 +88,7 @@ void check_own(std::size_t qh, std::size_t kvh, std::size_t dim) {
 
 TEMPLATE_TEST_CASE("quantized attention equals float64 attention over the stored rows",
                    "[quant][attention]", int8_kv<>, int8_kv<128>, int4_kv<>, int4_kv<true>, int2_kv,
-                   fp8_e4m3_kv<>, hadamard<int4_kv<>>, hadamard<int2_kv>) {
+                   fp8_e4m3_kv<>, fp8_e4m3_kv<128>, hadamard<int4_kv<>>, hadamard<int2_kv>) {
   SECTION("static head_dim 128, group 4") { check_own<TestType, gqa<128>>(8, 2, 128); }
   SECTION("dynamic head_dim 64, group 1") { check_own<TestType, gqa<>>(3, 3, 64); }
   SECTION("dynamic head_dim 256, group 6") { check_own<TestType, gqa<>>(6, 1, 256); }
@@ -97,9 +97,11 @@ TEMPLATE_TEST_CASE("quantized attention equals float64 attention over the stored
 }
 
 // Where the build and the CPU have AMX, decode scores and P.V run on the tile
-// unit; the same cases through the VNNI kernels, with the tile unit refused.
+// unit; the same cases through the VNNI kernels (fp8: the fp32 path), with
+// the tile unit refused.
 TEMPLATE_TEST_CASE("quantized decode without the tile unit", "[quant][attention]", int8_kv<>,
-                   int8_kv<64>, int4_kv<>, int4_kv<true>, int2_kv, hadamard<int4_kv<>>) {
+                   int8_kv<64>, int4_kv<>, int4_kv<true>, int2_kv, fp8_e4m3_kv<>,
+                   hadamard<int4_kv<>>) {
   struct refuse {
     refuse() { detail::amx::allowed() = false; }
     ~refuse() { detail::amx::allowed() = true; }
@@ -119,7 +121,7 @@ TEST_CASE("a build for AMX uses the tile unit", "[quant][attention]") {
 // Paged storage: a decode tile's runs end at every page, so the fused kernel
 // walks 16-token pages (and 1-token pages, a run per token) like one region.
 TEMPLATE_TEST_CASE("quantized attention on paged storage", "[quant][attention][paged]", int8_kv<>,
-                   int4_kv<>, int2_kv) {
+                   int4_kv<>, int2_kv, fp8_e4m3_kv<>) {
   SECTION("page 16") { check_own<TestType, gqa<128>, paged<16>>(8, 2, 128); }
   SECTION("page 1") { check_own<TestType, gqa<>, paged<1>>(4, 2, 64); }
 }

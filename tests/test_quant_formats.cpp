@@ -146,6 +146,34 @@ TEST_CASE("the vectorised fp8 reader decodes every code", "[quant][format][fp8]"
   }
 }
 
+TEST_CASE("the fp8 tile path's bf16 operands are every code exactly", "[quant][format][fp8]") {
+  // The tile unit reads e4m3 codes as bf16 (amx_fp8.hpp): each of the 254
+  // finite codes, subnormals and both zeros included, must be its value.
+  namespace f8 = detail::amx_fp8;
+  for (unsigned c = 0; c < 256; ++c) {
+    if ((c & 0x7fu) == 0x7fu) continue;  // NaN: never stored
+    INFO("code " << c);
+    const auto code = static_cast<std::uint8_t>(c);
+    CHECK(f8::bf16_float(f8::e4m3_bf16_bits(code)) == detail::e4m3_to_float(code));
+  }
+#if KVCACHE_HAS_AMX_FP8
+  // The vector lookups, in the byte unpacks' order: word k of the first
+  // half is code 16 (k / 8) + k % 8, of the second 16 (k / 8) + 8 + k % 8.
+  for (unsigned base = 0; base < 256; base += 64) {
+    std::uint8_t codes[64];
+    std::uint16_t out[64];
+    for (unsigned i = 0; i < 64; ++i) codes[i] = static_cast<std::uint8_t>(base + i);
+    f8::bf16_codes(codes, out);
+    for (unsigned s = 0; s < 2; ++s)
+      for (unsigned k = 0; k < 32; ++k) {
+        const std::uint8_t code = codes[16 * (k / 8) + 8 * s + k % 8];
+        INFO("code " << int(code));
+        CHECK(out[32 * s + k] == f8::e4m3_bf16_bits(code));
+      }
+  }
+#endif
+}
+
 TEST_CASE("bytes per element of each format", "[quant][format][memory]") {
   // dim 128: codes + fp16 metadata per block.
   static_assert(int8_kv<>::row_bytes(128) == 128 + 8);      // 8.5 bits

@@ -346,6 +346,67 @@ KVCACHE_ALWAYS_INLINE key_rows unpack_keys(const std::byte* K, std::size_t rb, s
   return {abuf, dim};
 }
 
+//! Lane l's block in chunk c: (64 c + 32 j) / G with segment j = l & 1.
+KVCACHE_ALWAYS_INLINE __m512i lane_blocks(std::size_t c, std::size_t G) noexcept {
+  const __m512i lane_j =
+      _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                       _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(
+      _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(64 * c)), _mm512_slli_epi32(lane_j, 5)),
+      __builtin_ctz(static_cast<unsigned>(G)));
+}
+
+//! The epilogue of one group of 4 heads over 16 rows (n valid; rows past n
+//! repeat row n - 1): C tiles of (dim / 64) chunks in cbuf, 1 KiB each, row
+//! t a token, lane 8 p + 2 h + j. Scales each lane by the token's block
+//! scale (and, for integer sums, the query factor qf; asymmetric formats add
+//! the min terms qm), sums each head's lanes, and stores the 4 heads' scores
+//! at sc (rows sc_stride apart), -inf past n. FloatC: the C tiles hold fp32
+//! sums of exact products (amx_fp8.hpp), with no query factors.
+template <class F, bool FloatC = false>
+KVCACHE_ALWAYS_INLINE void group_scores(const std::byte* K, std::size_t rb, std::size_t n,
+                                        std::size_t dim, const float* qf_p, const float* qm_p,
+                                        const std::int32_t* cbuf, float* sc, std::size_t sc_stride,
+                                        detail::prefetch_cursor& pf) noexcept {
+  constexpr std::size_t G = F::group;
+  const std::size_t chunks = dim / 64, nb = dim / G;
+  __m512i blk[max_dim / 64];
+  [[maybe_unused]] __m512 qf[max_dim / 64], qm[max_dim / 64];
+  for (std::size_t c = 0; c < chunks; ++c) {
+    blk[c] = lane_blocks(c, G);
+    if constexpr (!FloatC) qf[c] = _mm512_loadu_ps(qf_p + c * (1024 + 128) / 4);
+    if constexpr (F::asymmetric) qm[c] = _mm512_loadu_ps(qm_p + c * (1024 + 128) / 4);
+  }
+  __m512 y[16];
+  for (std::size_t t = 0; t < 16; ++t) {
+    pf.issue();
+    const std::byte* row = K + std::min(t, n - 1) * rb;
+    const __m512 ks = row_halves(row, F::scale_offset(dim), nb);
+    [[maybe_unused]] __m512 km;
+    if constexpr (F::asymmetric) km = row_halves(row, F::min_offset(dim), nb);
+    __m512 acc = _mm512_setzero_ps();
+    for (std::size_t c = 0; c < chunks; ++c) {
+      const std::int32_t* Ct = cbuf + 256 * c + 16 * t;
+      if constexpr (FloatC) {
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(Ct)),
+                              _mm512_permutexvar_ps(blk[c], ks), acc);
+      } else {
+        const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(blk[c], ks), qf[c]);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(Ct)), s, acc);
+      }
+      if constexpr (F::asymmetric)
+        acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(blk[c], km), qm[c], acc);
+    }
+    y[t] = acc;
+  }
+  __m512 out[4];
+  heads_by_token(y, out);
+  const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+  for (std::size_t h = 0; h < 4; ++h)
+    _mm512_storeu_ps(sc + h * sc_stride,
+                     _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), out[h]));
+}
+
 //! Scores of 16 rows (n valid; rows past n repeat row n - 1) for g heads into
 //! sc (g rows, sc_stride apart), -inf past n. A: the rows as signed levels
 //! (astride apart); cbuf: (dim / 64) x 1 KiB.
@@ -355,23 +416,8 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
                                        const std::int8_t* A, std::size_t astride,
                                        std::int32_t* cbuf, float* sc, std::size_t sc_stride,
                                        detail::prefetch_cursor& pf) noexcept {
-  constexpr std::size_t G = F::group;
-  const std::size_t chunks = dim / 64, nb = dim / G;
-  // Block of lane l's segment in chunk c: (64 c + 32 j) / G, j = l & 1.
-  const __m512i lane_j =
-      _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                       _mm512_set1_epi32(1));
-  __m512i blk[max_dim / 64];
-  for (std::size_t c = 0; c < chunks; ++c)
-    blk[c] = _mm512_srli_epi32(
-        _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(64 * c)), _mm512_slli_epi32(lane_j, 5)),
-        __builtin_ctz(static_cast<unsigned>(G)));
+  const std::size_t chunks = dim / 64;
   for (std::size_t grp = 0; grp < g / 4; ++grp) {
-    __m512 qf[max_dim / 64], qm[max_dim / 64];
-    for (std::size_t c = 0; c < chunks; ++c) {
-      qf[c] = _mm512_loadu_ps(q.qf(grp, c));
-      qm[c] = _mm512_loadu_ps(q.qm(grp, c));
-    }
     for (std::size_t c = 0; c < chunks; c += 2) {
       KVCACHE_TILE_LOAD(0, A + 64 * c, static_cast<long>(astride));
       KVCACHE_TILE_LOAD(2, q.b(grp, c), 64);
@@ -386,29 +432,8 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
         KVCACHE_TILE_STORE(5, cbuf + 256 * (c + 1), 64);
       }
     }
-    __m512 y[16];
-    for (std::size_t t = 0; t < 16; ++t) {
-      pf.issue();
-      const std::byte* row = K + std::min(t, n - 1) * rb;
-      const __m512 ks = row_halves(row, F::scale_offset(dim), nb);
-      [[maybe_unused]] __m512 km;
-      if constexpr (F::asymmetric) km = row_halves(row, F::min_offset(dim), nb);
-      __m512 acc = _mm512_setzero_ps();
-      for (std::size_t c = 0; c < chunks; ++c) {
-        const __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(blk[c], ks), qf[c]);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(cbuf + 256 * c + 16 * t)), s,
-                              acc);
-        if constexpr (F::asymmetric)
-          acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(blk[c], km), qm[c], acc);
-      }
-      y[t] = acc;
-    }
-    __m512 out[4];
-    heads_by_token(y, out);
-    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
-    for (std::size_t h = 0; h < 4; ++h)
-      _mm512_storeu_ps(sc + (4 * grp + h) * sc_stride,
-                       _mm512_mask_blend_ps(valid, _mm512_set1_ps(-INFINITY), out[h]));
+    group_scores<F>(K, rb, n, dim, q.qf(grp, 0), q.qm(grp, 0), cbuf, sc + 4 * grp * sc_stride,
+                    sc_stride, pf);
   }
 }
 

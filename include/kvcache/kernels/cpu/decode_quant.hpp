@@ -28,6 +28,7 @@
 #include "../plan.hpp"
 #include "../view.hpp"
 #include "amx.hpp"
+#include "amx_fp8.hpp"
 #include "decode_stream.hpp"
 #include "prefetch.hpp"
 #include "vnni.hpp"
@@ -79,6 +80,16 @@ constexpr bool integer_scores() noexcept {
 //! The float paths add only fp32 rounding.
 template <class P>
 constexpr double decode_error_bound() noexcept;
+
+//! Whether this build decodes P's fp8 rows on the tile unit in bf16
+//! (amx_fp8.hpp; run-time shape and OS checks still apply).
+template <class P>
+constexpr bool fp8_tiles() noexcept {
+  if constexpr (formatted_precision<P>)
+    return amx_fp8::built && amx_fp8::supported_format<typename P::format>();
+  else
+    return false;
+}
 
 //! Whether it also accumulates P's value blocks with integer dot products.
 template <class P>
@@ -263,9 +274,12 @@ inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim, nb = dim / 32;
   const std::size_t integer = decode_streams * g * vnni::query_view::words(dim, 32) + dim / 4 * 16 +
                               2 * nb * 16 + 32 + decode_streams * g * nb * 16 + g * nb * 16 + 16;
+  // The integer and fp8 tile paths' buffers (a precision uses one of them).
   const std::size_t tiles =
-      (decode_streams * amx::query_bytes(g, dim) + amx::tile_scratch::bytes(dim) + 64) /
-      sizeof(float);
+      std::max(decode_streams * amx::query_bytes(g, dim) + amx::tile_scratch::bytes(dim),
+               decode_streams * amx_fp8::query_bytes(g, dim) + amx_fp8::tile_scratch::bytes(dim)) /
+          sizeof(float) +
+      16;
   return decode_streams * (2 * g + g * dim) + g * score_stride + 64 + integer + tiles;
 }
 
@@ -523,6 +537,37 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
 #endif
 }
 
+//! One tile of fp8 rows on the tile unit in bf16 (amx_fp8.hpp), all g
+//! heads: scores, the online softmax and P.V; o stays in
+//! amx::unpermute_output's order until the item ends.
+template <class F>
+KVCACHE_ALWAYS_INLINE void amx_fp8_tile(decode_stream& s, const std::byte* K, const std::byte* V,
+                                        std::size_t rb, std::size_t n, std::size_t g,
+                                        std::size_t dim, const amx_fp8::query_tiles& q,
+                                        const amx_fp8::tile_scratch& ts, float* sc, float* corr,
+                                        prefetch_cursor& pf) noexcept {
+#if KVCACHE_HAS_AMX_FP8
+  amx_fp8::unpack_keys(K, rb, n, dim, ts.keys());
+  amx_fp8::value_tiles(V, rb, n, dim, ts.values(), pf);
+  for_tile_halves(n, amx_fp8::tile_tokens, g, sc, [&](std::size_t half) {
+    amx_fp8::half_scores<F>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g,
+                            dim, q, ts.keys() + half * 16 * dim, ts.c(), sc + half * 16,
+                            score_stride, pf);
+  });
+  quant_softmax(s, g, sc, corr, (n + 15) / 16 * 16);
+  constexpr std::size_t Q = amx_fp8::tile_tokens / 16;
+  __m512 vs[Q * amx::max_dim / 32];  // block scales, tokens in lanes, (nb, tile_tokens)
+  vnni::tile_block_field<F>(V, rb, n, dim, F::scale_offset(dim), Q, vs);
+  for (std::size_t h0 = 0; h0 < g; h0 += 4)
+    amx_fp8::tile_values<F>(dim, n, sc + h0 * score_stride, score_stride,
+                            reinterpret_cast<const float*>(vs), corr + h0, s.o + h0 * (dim + 1),
+                            dim + 1, ts.values(), ts.weights(), ts.c(), pf);
+#else
+  (void)s, (void)K, (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)ts, (void)sc;
+  (void)corr, (void)pf;
+#endif
+}
+
 //! Adds an asymmetric format's value mins to a stream's partial output o
 //! (g, dim + 1): sum_t p_t min_tb, which integer P.V keeps per (head, block)
 //! as 16 lanes of tokens in `bias` (g, dim / group, 16). Nothing for
@@ -575,6 +620,21 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
   [[maybe_unused]] std::byte* amx_q = nullptr;  // (streams) x amx::query_bytes
   [[maybe_unused]] amx::tile_scratch ts;
   constexpr bool integer_v = integer_values<P>();
+  // fp8 rows on the tile unit in bf16 (amx_fp8.hpp).
+  constexpr bool fp8_tile = fp8_tiles<P>();
+  [[maybe_unused]] bool use_fp8 = false;
+  [[maybe_unused]] amx_fp8::query_tiles fp8_q[decode_streams];
+  [[maybe_unused]] amx_fp8::tile_scratch fp8_ts;
+  if constexpr (fp8_tile) {
+    use_fp8 = amx_fp8::supported_shape(dim, g) && amx::available();
+    if (use_fp8) {
+      auto a = reinterpret_cast<std::uintptr_t>(corr + g);
+      a = (a + 63) & ~std::uintptr_t{63};
+      amx_q = reinterpret_cast<std::byte*>(a);
+      fp8_ts = {amx_q + decode_streams * amx_fp8::query_bytes(g, dim), dim};
+      amx::configure();
+    }
+  }
   if constexpr (integer) {
     use_integer = vnni::supported_dim<F>(dim) && g <= 64 && dim <= 2048;
     if (use_integer) {
@@ -627,6 +687,15 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         }
         qs_group[i] = 2 * grp + sink;
       }
+    if constexpr (fp8_tile)
+      if (use_fp8) {
+        if (i > 0 && qs_group[i - 1] == 2 * grp + sink)
+          fp8_q[i] = fp8_q[i - 1];
+        else
+          fp8_q[i] =
+              amx_fp8::prepare_query(st[i].q, g, dim, amx_q + i * amx_fp8::query_bytes(g, dim));
+        qs_group[i] = 2 * grp + sink;
+      }
     if constexpr (integer)
       if (use_integer)
         for (std::size_t k = 0; k < g * (dim / F::group) * 16; ++k)
@@ -643,6 +712,8 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       std::size_t tile = decode_tile;
       if constexpr (integer)
         if (use_integer) tile = use_amx ? amx::tile_tokens : quant_tile;
+      if constexpr (fp8_tile)
+        if (use_fp8) tile = amx_fp8::tile_tokens;
       const std::size_t n = std::min({tile, it.end - s.t, in_page});
       const std::size_t kr = L.run_offset(sv.page_tokens, layer, 0, it.head);
       const std::size_t vr = L.run_offset(sv.page_tokens, layer, 1, it.head);
@@ -661,7 +732,9 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // block-function path requests them at once.
       {
         std::size_t calls = 0;
-        if (use_amx)
+        if (use_fp8)
+          calls = amx_fp8::issue_steps(g, dim);
+        else if (use_amx)
           calls = amx::issue_steps(g, dim);
         else if (use_integer)
           calls = 2 * (dim / P::group);
@@ -700,9 +773,14 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
           quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
         }
       } else if constexpr (formatted_precision<P>) {
-        quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc, pf);
-        quant_softmax(s, g, sc, corr, decode_tile);
-        quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
+        if (use_fp8) {
+          if constexpr (fp8_tile)
+            amx_fp8_tile<F>(s, K, V, rb, n, g, dim, fp8_q[i], fp8_ts, sc, corr, pf);
+        } else {
+          quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc, pf);
+          quant_softmax(s, g, sc, corr, decode_tile);
+          quant_accumulate<P, D, HB>(s, V, rb, n, g, dim, sc, corr);
+        }
       } else {
         quant_tile_blocks<P>(s, K, V, rb, n, g, dim, sc, corr);
       }
@@ -711,12 +789,11 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       active = active || s.t < it.end;
     }
   }
-  if constexpr (integer)
-    if (use_amx) {
-      amx::release();
-      for (std::size_t i = 0; i < count; ++i)
-        for (std::size_t h = 0; h < g; ++h) amx::unpermute_output(st[i].o + h * stride, dim);
-    }
+  if (use_amx || use_fp8) {
+    amx::release();
+    for (std::size_t i = 0; i < count; ++i)
+      for (std::size_t h = 0; h < g; ++h) amx::unpermute_output(st[i].o + h * stride, dim);
+  }
   if constexpr (integer)
     if (use_amx || (integer_v && use_integer))
       for (std::size_t i = 0; i < count; ++i)
