@@ -437,6 +437,47 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
   }
 }
 
+//! P.V's products for chunk c of a tile: C tiles tmm0-3 (16 output columns
+//! each) summed over `used` subtiles of the weights (A, tmm4; 1 KiB per
+//! subtile and chunk from abuf) times the value tiles (B, tmm5-7, the fourth
+//! reusing tmm5; 4 KiB per subtile and chunk from bbuf), stored to cbuf
+//! (4 KiB). Int8 operands (tdpbssd) or, with Bf16, bf16 (tdpbf16ps,
+//! amx_fp8.hpp): the same tile shapes.
+template <bool Bf16>
+KVCACHE_ALWAYS_INLINE void value_products(const void* abuf, const void* bbuf, std::size_t used,
+                                          std::size_t chunks, std::size_t c,
+                                          std::int32_t* cbuf) noexcept {
+#define KVCACHE_TILE_DP(dst, a, b) \
+  do {                             \
+    if constexpr (Bf16)            \
+      _tile_dpbf16ps(dst, a, b);   \
+    else                           \
+      _tile_dpbssd(dst, a, b);     \
+  } while (0)
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (std::size_t u = 0; u < used; ++u) {
+    const auto* A = static_cast<const std::byte*>(abuf) + (u * chunks + c) * 1024;
+    const auto* B = static_cast<const std::byte*>(bbuf) + (u * chunks + c) * 4096;
+    KVCACHE_TILE_LOAD(4, A, 64);
+    KVCACHE_TILE_LOAD(5, B, 64);
+    KVCACHE_TILE_LOAD(6, B + 1024, 64);
+    KVCACHE_TILE_LOAD(7, B + 2048, 64);
+    KVCACHE_TILE_DP(0, 4, 5);
+    KVCACHE_TILE_DP(1, 4, 6);
+    KVCACHE_TILE_DP(2, 4, 7);
+    KVCACHE_TILE_LOAD(5, B + 3072, 64);
+    KVCACHE_TILE_DP(3, 4, 5);
+  }
+#undef KVCACHE_TILE_DP
+  KVCACHE_TILE_STORE(0, cbuf, 64);
+  KVCACHE_TILE_STORE(1, cbuf + 256, 64);
+  KVCACHE_TILE_STORE(2, cbuf + 512, 64);
+  KVCACHE_TILE_STORE(3, cbuf + 768, 64);
+}
+
 // ---- P.V -------------------------------------------------------------------
 //
 // out[h][d] = sum_t p[h][t] (scale[t][b(d)] level[t][d] + min[t][b(d)]).
@@ -553,26 +594,7 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const flo
   // reuses tmm5): each chunk's sums run over every subtile before they are
   // stored.
   for (std::size_t c = 0; c < chunks; ++c) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    for (std::size_t u = 0; u < used; ++u) {
-      const std::int8_t* B = bbuf + (u * chunks + c) * 4096;
-      KVCACHE_TILE_LOAD(4, abuf + (u * chunks + c) * 1024, 64);
-      KVCACHE_TILE_LOAD(5, B, 64);
-      KVCACHE_TILE_LOAD(6, B + 1024, 64);
-      KVCACHE_TILE_LOAD(7, B + 2048, 64);
-      _tile_dpbssd(0, 4, 5);
-      _tile_dpbssd(1, 4, 6);
-      _tile_dpbssd(2, 4, 7);
-      KVCACHE_TILE_LOAD(5, B + 3072, 64);
-      _tile_dpbssd(3, 4, 5);
-    }
-    KVCACHE_TILE_STORE(0, cbuf, 64);
-    KVCACHE_TILE_STORE(1, cbuf + 256, 64);
-    KVCACHE_TILE_STORE(2, cbuf + 512, 64);
-    KVCACHE_TILE_STORE(3, cbuf + 768, 64);
+    value_products<false>(abuf, bbuf, used, chunks, c, cbuf);
     for (std::size_t h = 0; h < 4; ++h) {
       pf.issue();
       const __m512 cr = _mm512_set1_ps(corr[h]), ws = _mm512_set1_ps(wscale[h]);

@@ -301,27 +301,8 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const flo
       _mm512_storeu_si512(row + 32, (__m512i)_mm512_cvtne2ps_pbh(lo[1], lo[0]));
     }
   }
-  // C tiles in tmm0-3, the weights in tmm4, values in tmm5-7 (the fourth
-  // reuses tmm5).
   for (std::size_t c = 0; c < chunks; ++c) {
-    const std::uint16_t* B = bbuf + c * 2048;
-    KVCACHE_TILE_LOAD(4, abuf + c * 512, 64);
-    KVCACHE_TILE_LOAD(5, B, 64);
-    KVCACHE_TILE_LOAD(6, B + 512, 64);
-    KVCACHE_TILE_LOAD(7, B + 1024, 64);
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    _tile_dpbf16ps(0, 4, 5);
-    _tile_dpbf16ps(1, 4, 6);
-    _tile_dpbf16ps(2, 4, 7);
-    KVCACHE_TILE_LOAD(5, B + 1536, 64);
-    _tile_dpbf16ps(3, 4, 5);
-    KVCACHE_TILE_STORE(0, cbuf, 64);
-    KVCACHE_TILE_STORE(1, cbuf + 256, 64);
-    KVCACHE_TILE_STORE(2, cbuf + 512, 64);
-    KVCACHE_TILE_STORE(3, cbuf + 768, 64);
+    amx::value_products<true>(abuf, bbuf, 1, chunks, c, cbuf);
     const float* C = reinterpret_cast<const float*>(cbuf);
     for (std::size_t h = 0; h < 4; ++h) {
       pf.issue();
