@@ -154,7 +154,8 @@ TEST_CASE("the fp8 tile path's bf16 operands are every code exactly", "[quant][f
     if ((c & 0x7fu) == 0x7fu) continue;  // NaN: never stored
     INFO("code " << c);
     const auto code = static_cast<std::uint8_t>(c);
-    CHECK(f8::bf16_float(f8::e4m3_bf16_bits(code)) == detail::e4m3_to_float(code));
+    const auto bits = static_cast<std::uint32_t>(f8::e4m3_bf16_bits(code)) << 16;
+    CHECK(std::bit_cast<float>(bits) == detail::e4m3_to_float(code));
   }
 #if KVCACHE_HAS_AMX_FP8
   // The vector lookups, in the byte unpacks' order: word k of the first

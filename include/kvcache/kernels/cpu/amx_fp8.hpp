@@ -137,39 +137,6 @@ struct query_tiles {
   }
 };
 
-//! x rounded to bf16 (nearest, ties to even; finite x), as bits and as a float.
-inline std::uint16_t bf16_round(float x) noexcept {
-  std::uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-inline float bf16_float(std::uint16_t b) noexcept {
-  const std::uint32_t u = static_cast<std::uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-//! Splits g query heads (g x dim floats) into B tiles at `base`.
-inline query_tiles prepare_query(const float* q, std::size_t g, std::size_t dim,
-                                 std::byte* base) noexcept {
-  query_tiles t{base, dim / 32};
-  std::memset(base, 0, query_bytes(g, dim));
-  for (std::size_t h = 0; h < g; ++h) {
-    const std::size_t grp = h / 4, hl = h % 4;
-    for (std::size_t d = 0; d < dim; ++d) {
-      const std::size_t c = d / 64, e = d % 64, j = e / 32;
-      const std::size_t s = (e % 16) / 8, k = 8 * (e / 16) + e % 8;  // tile 2 c + s, column k
-      auto* B = reinterpret_cast<std::uint16_t*>(base + (grp * t.parts + 2 * c + s) * 1024);
-      const std::uint16_t hi = bf16_round(q[h * dim + d]);
-      const std::uint16_t lo = bf16_round(q[h * dim + d] - bf16_float(hi));
-      B[(k / 2) * 32 + 2 * (0 + 2 * hl + j) + k % 2] = hi;
-      B[(k / 2) * 32 + 2 * (8 + 2 * hl + j) + k % 2] = lo;
-    }
-  }
-  return t;
-}
-
 #if KVCACHE_HAS_AMX_FP8
 
 //! 64 e4m3 codes -> the low and high bytes of their bf16s (two lookups, the
@@ -183,6 +150,37 @@ KVCACHE_ALWAYS_INLINE void bf16_bytes(__m512i codes, __m512i& lo, __m512i& hi) n
   // hi | (codes & 0x80)
   hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(hi0, codes, hi1), codes,
                                  _mm512_set1_epi8(static_cast<char>(0x80)), 0xf8);
+}
+
+//! Splits g query heads (g x dim floats) into B tiles at `base`, 16
+//! elements per vector: x = hi + lo, hi and lo bf16s rounded to nearest.
+inline query_tiles prepare_query(const float* q, std::size_t g, std::size_t dim,
+                                 std::byte* base) noexcept {
+  query_tiles t{base, dim / 32};
+  std::memset(base, 0, query_bytes(g, dim));
+  for (std::size_t h = 0; h < g; ++h) {
+    const std::size_t grp = h / 4, hl = h % 4;
+    for (std::size_t d0 = 0; d0 < dim; d0 += 16) {
+      const __m512 x = _mm512_loadu_ps(q + h * dim + d0);
+      const __m256i hi = (__m256i)_mm512_cvtneps_pbh(x);
+      const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(x, back));
+      alignas(32) std::uint16_t parts[2][16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[0]), hi);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(parts[1]), lo);
+      // Dimensions 64 c + 16 L + 8 s + i are column k = 8 L + i of tile
+      // 2 c + s: pairs i, i + 1 share row k / 2, in column (part, head, segment).
+      const std::size_t c = d0 / 64, L = (d0 % 64) / 16, j = L / 2;
+      for (std::size_t s = 0; s < 2; ++s) {
+        auto* B = reinterpret_cast<std::uint16_t*>(base + (grp * t.parts + 2 * c + s) * 1024);
+        for (std::size_t i = 0; i < 8; i += 2)
+          for (std::size_t p = 0; p < 2; ++p)
+            std::memcpy(B + (4 * L + i / 2) * 32 + 2 * (8 * p + 2 * hl + j), parts[p] + 8 * s + i,
+                        4);
+      }
+    }
+  }
+  return t;
 }
 
 //! 64 codes as bf16 in the byte unpacks' order: out[0..31] the low 8 codes of
@@ -320,6 +318,12 @@ KVCACHE_ALWAYS_INLINE void tile_values(std::size_t dim, std::size_t n, const flo
       }
     }
   }
+}
+
+#else
+
+inline query_tiles prepare_query(const float*, std::size_t, std::size_t, std::byte*) noexcept {
+  return {};
 }
 
 #endif  // KVCACHE_HAS_AMX_FP8
