@@ -183,12 +183,11 @@ query_tiles prepare_query(const float* q, std::size_t g, std::size_t dim,
   const std::size_t chunks = dim / 64;
   query_tiles t{base, chunks};
   std::memset(base, 0, query_bytes(g, dim));
-  const __m512 nonzero = _mm512_set1_ps(0.f);
   for (std::size_t h = 0; h < g; ++h) {
     const float* qh = q + h * dim;
     const std::size_t grp = h / 4, hl = h % 4;
     for (std::size_t b0 = 0; b0 < dim; b0 += G) {
-      __m512 mx = nonzero;
+      __m512 mx = _mm512_setzero_ps();
       for (std::size_t i = 0; i < G; i += 16)
         mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(qh + b0 + i)));
       const float amax = _mm512_reduce_max_ps(mx);
@@ -200,7 +199,7 @@ query_tiles prepare_query(const float* q, std::size_t g, std::size_t dim,
         auto* qf = reinterpret_cast<float*>(B + 1024);
         // q ~= sq (hi + lo / 256); the segment's sum of q as quantized.
         alignas(16) std::int8_t parts[2][32];
-        __m512 sum = nonzero;
+        __m512 sum = _mm512_setzero_ps();
         for (std::size_t k = 0; k < 2; ++k) {
           constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
           const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(qh + s0 + 16 * k), inv);
@@ -379,13 +378,14 @@ KVCACHE_ALWAYS_INLINE __m512i lane_blocks(std::size_t c, std::size_t G) noexcept
 //! The epilogue of one group of 4 heads over 16 rows (n valid; rows past n
 //! repeat row n - 1): C tiles of (dim / 64) chunks in cbuf, 1 KiB each, row
 //! t a token, lane 8 p + 2 h + j. Scales each lane by the token's block
-//! scale (and, for integer sums, the query factor qf; asymmetric formats add
-//! the min terms qm), sums each head's lanes, and stores the 4 heads' scores
-//! at sc (rows sc_stride apart), -inf past n. FloatC: the C tiles hold fp32
-//! sums of exact products (amx_fp8.hpp), with no query factors.
+//! scale (and, for integer sums, group grp's query factors in q; asymmetric
+//! formats add its min terms), sums each head's lanes, and stores the 4
+//! heads' scores at sc (rows sc_stride apart), -inf past n. FloatC: the C
+//! tiles hold fp32 sums of exact products (amx_fp8.hpp), with no query
+//! factors (q is null).
 template <class F, bool FloatC = false>
 KVCACHE_ALWAYS_INLINE void group_scores(const std::byte* K, std::size_t rb, std::size_t n,
-                                        std::size_t dim, const float* qf_p, const float* qm_p,
+                                        std::size_t dim, const query_tiles* q, std::size_t grp,
                                         const std::int32_t* cbuf, float* sc, std::size_t sc_stride,
                                         detail::prefetch_cursor& pf) noexcept {
   constexpr std::size_t G = F::group;
@@ -394,8 +394,8 @@ KVCACHE_ALWAYS_INLINE void group_scores(const std::byte* K, std::size_t rb, std:
   [[maybe_unused]] __m512 qf[max_dim / 64], qm[max_dim / 64];
   for (std::size_t c = 0; c < chunks; ++c) {
     blk[c] = lane_blocks(c, G);
-    if constexpr (!FloatC) qf[c] = _mm512_loadu_ps(qf_p + c * (1024 + 128) / 4);
-    if constexpr (F::asymmetric) qm[c] = _mm512_loadu_ps(qm_p + c * (1024 + 128) / 4);
+    if constexpr (!FloatC) qf[c] = _mm512_loadu_ps(q->qf(grp, c));
+    if constexpr (F::asymmetric) qm[c] = _mm512_loadu_ps(q->qm(grp, c));
   }
   __m512 y[16];
   for (std::size_t t = 0; t < 16; ++t) {
@@ -452,8 +452,7 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
         KVCACHE_TILE_STORE(5, cbuf + 256 * (c + 1), 64);
       }
     }
-    group_scores<F>(K, rb, n, dim, q.qf(grp, 0), q.qm(grp, 0), cbuf, sc + 4 * grp * sc_stride,
-                    sc_stride, pf);
+    group_scores<F>(K, rb, n, dim, &q, grp, cbuf, sc + 4 * grp * sc_stride, sc_stride, pf);
   }
 }
 

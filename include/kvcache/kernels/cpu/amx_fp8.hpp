@@ -52,10 +52,7 @@ namespace detail::amx_fp8 {
 //! The formats this path computes: e4m3 with any block size.
 template <class F>
 constexpr bool supported_format() noexcept {
-  if constexpr (requires { F::kind; })
-    return F::kind == block_kind::fp8_e4m3;
-  else
-    return false;
+  return F::kind == block_kind::fp8_e4m3;
 }
 //! Whether this build has the path.
 inline constexpr bool built = KVCACHE_HAS_AMX_FP8;
@@ -262,7 +259,7 @@ KVCACHE_ALWAYS_INLINE void half_scores(const std::byte* K, std::size_t rb, std::
         KVCACHE_TILE_STORE(5, cbuf + 256 * c, 64);
       }
     }
-    amx::group_scores<F, true>(K, rb, n, dim, nullptr, nullptr, cbuf, sc + 4 * grp * sc_stride,
+    amx::group_scores<F, true>(K, rb, n, dim, nullptr, grp, cbuf, sc + 4 * grp * sc_stride,
                                sc_stride, pf);
   }
 }

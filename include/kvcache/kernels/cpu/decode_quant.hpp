@@ -672,9 +672,11 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       st[i].q = q;
     }
     // Adjacent items of one (sequence, KV head) share their quantized queries.
+    [[maybe_unused]] const bool shared_query = i > 0 && qs_group[i - 1] == 2 * grp + sink;
+    qs_group[i] = 2 * grp + sink;
     if constexpr (integer)
       if (use_integer) {
-        if (i > 0 && qs_group[i - 1] == 2 * grp + sink) {
+        if (shared_query) {
           for (std::size_t h = 0; h < g; ++h) qv[i * g + h] = qv[(i - 1) * g + h];
           qtiles[i] = qtiles[i - 1];
         } else if (use_amx) {
@@ -685,17 +687,12 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
           for (std::size_t h = 0; h < g; ++h)
             vnni::quantize_query<F>(st[i].q + h * dim, dim, qv[i * g + h]);
         }
-        qs_group[i] = 2 * grp + sink;
       }
     if constexpr (fp8_tile)
-      if (use_fp8) {
-        if (i > 0 && qs_group[i - 1] == 2 * grp + sink)
-          fp8_q[i] = fp8_q[i - 1];
-        else
-          fp8_q[i] =
-              amx_fp8::prepare_query(st[i].q, g, dim, amx_q + i * amx_fp8::query_bytes(g, dim));
-        qs_group[i] = 2 * grp + sink;
-      }
+      if (use_fp8)
+        fp8_q[i] = shared_query ? fp8_q[i - 1]
+                                : amx_fp8::prepare_query(st[i].q, g, dim,
+                                                         amx_q + i * amx_fp8::query_bytes(g, dim));
     if constexpr (integer)
       if (use_integer)
         for (std::size_t k = 0; k < g * (dim / F::group) * 16; ++k)
