@@ -2,7 +2,8 @@
 // for A/B comparisons of one kernel change, where kvcache_bench's per-layer
 // medians move too little to see it.
 //
-//   kvcache_token_cost <precision> [context=32768] [layers=auto] [steps=7] [--no-tile-unit]
+//   kvcache_token_cost <precision> [context=32768] [layers=auto] [steps=7] [--page=N]
+//                      [--no-tile-unit]
 //
 // One sequence of `context` tokens in a Llama-3-8B layer shape (32 query
 // heads, 8 KV heads, head_dim 128), `layers` deep; each step decodes one
@@ -12,6 +13,7 @@
 // 32k tokens stays in a large L3 (layers=1). The figure
 // is step time x threads / (context x KV heads x layers): what one thread
 // spends on one token of one KV head, all of its query heads together.
+// --page=N stores the rows in N-token pages (paged<>) instead of one region;
 // --no-tile-unit runs the paths used where there is no AMX.
 //
 // Precisions: fp16 bf16 int8 int4 int4_asym int2 fp8_e4m3 hadamard_int4
@@ -34,22 +36,24 @@ constexpr std::size_t kQHeads = 32, kKVHeads = 8, kHeadDim = 128;
 
 struct options {
   std::size_t context = 32768, layers = 0, steps = 7;  // layers 0: auto
+  std::size_t page = 0;                                // 0: contiguous storage
 };
 
-template <class P>
-int run(const char* name, options opt) {
+template <class S, class P>
+int run_on(const char* name, options opt) {
   if (opt.layers == 0) {
     const std::size_t layer_bytes = opt.context * kKVHeads * 2 * P::row_bytes(kHeadDim);
     opt.layers =
         std::clamp<std::size_t>(((std::size_t{1} << 30) + layer_bytes - 1) / layer_bytes, 1, 64);
   }
-  using cache_t = cache<gqa<kHeadDim>, contiguous, full, P>;
+  using cache_t = cache<gqa<kHeadDim>, S, full, P>;
   const std::size_t capacity = opt.context + opt.steps;
   cache_t kv(cache_config{.layers = opt.layers,
                           .q_heads = kQHeads,
                           .kv_heads = kKVHeads,
                           .max_tokens = capacity,
-                          .threads = 0});
+                          .threads = 0,
+                          .page_tokens = opt.page});
   constexpr std::size_t chunk = 512;
   std::mt19937 rng(1);
   std::normal_distribution<float> normal;
@@ -82,19 +86,27 @@ int run(const char* name, options opt) {
   const double median = seconds[seconds.size() / 2];
   const double token_heads = double(opt.context) * double(kKVHeads) * double(opt.layers);
   const double bytes = token_heads * 2.0 * double(P::row_bytes(kHeadDim));
+  const std::string storage = opt.page ? " page " + std::to_string(opt.page) : "";
   std::printf(
-      "%s context %zu layers %zu threads %zu: %.3f ms per layer, %.2f ns per token and KV "
+      "%s%s context %zu layers %zu threads %zu: %.3f ms per layer, %.2f ns per token and KV "
       "head per thread, %.1f GB/s of K+V\n",
-      name, opt.context, opt.layers, kv.threads(), median * 1e3 / double(opt.layers),
-      median * 1e9 * double(kv.threads()) / token_heads, bytes / median * 1e-9);
+      name, storage.c_str(), opt.context, opt.layers, kv.threads(),
+      median * 1e3 / double(opt.layers), median * 1e9 * double(kv.threads()) / token_heads,
+      bytes / median * 1e-9);
   return 0;
 }
 
+template <class P>
+int run(const char* name, const options& opt) {
+  return opt.page ? run_on<paged<>, P>(name, opt) : run_on<contiguous, P>(name, opt);
+}
+
 int usage() {
-  std::fprintf(stderr,
-               "usage: kvcache_token_cost <precision> [context=32768] [layers=auto] [steps=7] "
-               "[--no-tile-unit]\nprecisions: fp16 bf16 int8 int4 int4_asym int2 fp8_e4m3 "
-               "hadamard_int4 int4_asym_kchan int2_kchan_r128\n");
+  std::fprintf(
+      stderr,
+      "usage: kvcache_token_cost <precision> [context=32768] [layers=auto] [steps=7] "
+      "[--page=N] [--no-tile-unit]\nprecisions: fp16 bf16 int8 int4 int4_asym int2 fp8_e4m3 "
+      "hadamard_int4 int4_asym_kchan int2_kchan_r128\n");
   return 2;
 }
 
@@ -104,10 +116,15 @@ int main(int argc, char** argv) {
   options opt;
   std::vector<std::string> args;
   for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--no-tile-unit") == 0)
+    if (std::strcmp(argv[i], "--no-tile-unit") == 0) {
       detail::amx::allowed() = false;
-    else
+    } else if (std::strncmp(argv[i], "--page=", 7) == 0) {
+      char* end = nullptr;
+      opt.page = std::strtoull(argv[i] + 7, &end, 10);
+      if (*end != '\0' || opt.page == 0) return usage();
+    } else {
       args.emplace_back(argv[i]);
+    }
   }
   if (args.empty() || args.size() > 4) return usage();
   std::size_t* fields[] = {&opt.context, &opt.layers, &opt.steps};

@@ -1,6 +1,7 @@
 // Properties of the kernels beyond agreement with the reference: decode equals
 // a one-token prefill, chunked prefill equals one-shot prefill, 1 and 2
 // threads give identical bits, and the log-sum-exp merge is exact.
+#include <array>
 #include <cstring>
 #include <kvcache/kernels/merge.hpp>
 #include <kvcache/merge.hpp>
@@ -105,23 +106,40 @@ TEST_CASE("a build for AMX-BF16 runs prefill on the tile unit", "[kernels][amx]"
 
 TEST_CASE("a tile's prefetches request every line once, each run's first lines first",
           "[kernels][prefetch]") {
-  // Addresses only: the cursor is never told to prefetch here.
-  std::vector<char> buf(4 * 100 * 64);
-  const char *k0 = buf.data(), *k1 = k0 + 100 * 64, *v0 = k1 + 100 * 64, *v1 = v0 + 100 * 64;
-  for (auto [n0, n1] : std::vector<std::pair<std::size_t, std::size_t>>{
-           {64, 64}, {64, 0}, {64, 10}, {10, 64}, {1, 1}, {3, 0}, {0, 0}}) {
-    INFO("runs of " << n0 << " and " << n1 << " lines");
-    detail::prefetch_cursor c{{k0, k1}, {v0, v1}, {n0, n1}};
+  // Addresses only: pop() names the lines without requesting them.
+  constexpr std::size_t R = detail::prefetch_cursor::max_runs;
+  std::vector<char> buf(2 * R * 100 * 64);
+  const auto k = [&](std::size_t r) { return buf.data() + r * 100 * 64; };
+  const auto v = [&](std::size_t r) { return buf.data() + (R + r) * 100 * 64; };
+  using runs = std::array<std::size_t, R>;
+  for (const runs& n : std::vector<runs>{{64, 64},
+                                         {64},
+                                         {64, 10},
+                                         {10, 64},
+                                         {1, 1},
+                                         {3},
+                                         {},
+                                         {16, 16, 16, 16},
+                                         {17, 17, 17, 9},
+                                         {1, 1, 1, 1},
+                                         {5, 40, 2, 9},
+                                         {30, 0, 0, 0}}) {
+    INFO("runs of " << n[0] << ", " << n[1] << ", " << n[2] << " and " << n[3] << " lines");
+    detail::prefetch_cursor c;
+    for (std::size_t r = 0; r < R; ++r) c.k[r] = k(r), c.v[r] = v(r), c.lines[r] = n[r];
     std::multiset<const char*> want, got;
-    for (std::size_t j = 0; j < n0; ++j) want.insert({k0 + j * 64, v0 + j * 64});
-    for (std::size_t j = 0; j < n1; ++j) want.insert({k1 + j * 64, v1 + j * 64});
-    for (std::size_t i = 0; i < 2 * c.total(); ++i) got.insert(c.line(i));
+    for (std::size_t r = 0; r < R; ++r)
+      for (std::size_t j = 0; j < n[r]; ++j) want.insert({k(r) + j * 64, v(r) + j * 64});
+    std::vector<const char*> order;
+    for (std::size_t i = 0; i < 2 * c.total(); ++i) order.push_back(c.pop());
+    got.insert(order.begin(), order.end());
     CHECK(got == want);
-    if (n0 && n1) {
-      CHECK(c.line(0) == k0);
-      CHECK(c.line(1) == v0);
-      CHECK(c.line(2) == k1);
-      CHECK(c.line(3) == v1);
+    // Each run's first pair before any run's second, in run order.
+    std::size_t i = 0;
+    for (std::size_t r = 0; r < R; ++r) {
+      if (n[r] == 0) continue;
+      CHECK(order[i++] == k(r));
+      CHECK(order[i++] == v(r));
     }
   }
 }

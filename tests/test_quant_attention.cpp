@@ -120,9 +120,15 @@ TEST_CASE("a build for AMX uses the tile unit", "[quant][attention]") {
 
 // Paged storage: a decode tile's runs end at every page, so the fused kernel
 // walks 16-token pages (and 1-token pages, a run per token) like one region.
+// On the tile unit (groups of 4) a tile takes a 16-token quarter per page:
+// 24-token pages leave quarters of 16 and 8 rows, 8-token pages half-empty
+// quarters, 1-token pages one row per quarter.
 TEMPLATE_TEST_CASE("quantized attention on paged storage", "[quant][attention][paged]", int8_kv<>,
-                   int4_kv<>, int2_kv, fp8_e4m3_kv<>) {
+                   int4_kv<>, int4_kv<true>, int2_kv, fp8_e4m3_kv<>, hadamard<int4_kv<>>) {
   SECTION("page 16") { check_own<TestType, gqa<128>, paged<16>>(8, 2, 128); }
+  SECTION("page 24") { check_own<TestType, gqa<128>, paged<24>>(8, 2, 128); }
+  SECTION("page 8") { check_own<TestType, gqa<128>, paged<8>>(8, 2, 128); }
+  SECTION("page 1, group 4") { check_own<TestType, gqa<128>, paged<1>>(8, 2, 128); }
   SECTION("page 1") { check_own<TestType, gqa<>, paged<1>>(4, 2, 64); }
 }
 

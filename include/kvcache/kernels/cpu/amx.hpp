@@ -119,10 +119,47 @@ struct tile_scratch {
   std::int8_t* values() const noexcept { return weights() + dim / 64 * 1024; }
 };
 
-//! A tile's key rows as A tiles: signed levels, `stride` bytes apart.
+//! The rows of a decode tile on the tile unit, by 16-token quarters (the
+//! scores' A tiles): quarter j holds n[j] <= 16 consecutive rows at k[j]
+//! and v[j], rb bytes apart, so that one tile spans pages of 16 tokens and
+//! more (one page per quarter) and pays its softmax and P.V bookkeeping
+//! once per 64 tokens, not per page. Slots n[j]..15 of a quarter are empty
+//! (-inf scores; the quarter's last row stands in for them), and quarters
+//! from `count` on hold no rows.
+struct tile_quarters {
+  static constexpr std::size_t max = tile_tokens / 16;
+  const std::byte* k[max] = {};
+  const std::byte* v[max] = {};
+  std::size_t n[max] = {};
+  std::size_t count = 0;
+  std::size_t rows() const noexcept {
+    std::size_t r = 0;
+    for (std::size_t j = 0; j < count; ++j) r += n[j];
+    return r;
+  }
+  //! The slots up to the last row: where the kernels' loops over 16-token
+  //! parts stop (n of a dense tile).
+  std::size_t span() const noexcept { return count ? 16 * (count - 1) + n[count - 1] : 0; }
+};
+
+//! The quarters of n <= tile_tokens rows in one run (rb bytes apart).
+inline tile_quarters dense_quarters(const std::byte* K, const std::byte* V, std::size_t rb,
+                                    std::size_t n) noexcept {
+  tile_quarters tq;
+  for (; 16 * tq.count < n; ++tq.count) {
+    const std::size_t j = tq.count;
+    tq.k[j] = K + 16 * j * rb;
+    tq.v[j] = V + 16 * j * rb;
+    tq.n[j] = std::min<std::size_t>(16, n - 16 * j);
+  }
+  return tq;
+}
+
+//! A tile's key rows as A tiles, per quarter: signed levels, stride[j]
+//! bytes apart.
 struct key_rows {
-  const std::int8_t* a = nullptr;
-  std::size_t stride = 0;
+  const std::int8_t* a[tile_quarters::max] = {};
+  std::size_t stride[tile_quarters::max] = {};
 };
 
 //! One item's query tiles in scratch (query_bytes).
@@ -349,20 +386,30 @@ KVCACHE_ALWAYS_INLINE void heads_by_token(const __m512* y, __m512* out) noexcept
   }
 }
 
-//! Where a tile's key rows are read as A tiles: full int8 tiles in place,
-//! any other tile's 16-row quarters that hold rows unpacked (rows past n
-//! repeat row n - 1) in abuf (tile_tokens x dim bytes). Unpacking is a
+//! Where a tile's key rows are read as A tiles: full int8 quarters in
+//! place, any other quarter that holds rows unpacked (its empty slots
+//! repeat its last row) in abuf (tile_tokens x dim bytes). Unpacking is a
 //! separate step so that the kernel can do other work before the tile loads:
 //! a tile load of bytes that vector stores have just written waits for them
 //! to reach the cache (~80 cycles).
 template <class F>
-KVCACHE_ALWAYS_INLINE key_rows unpack_keys(const std::byte* K, std::size_t rb, std::size_t n,
-                                           std::size_t dim, std::int8_t* abuf) noexcept {
-  if (F::bits == 8 && n == tile_tokens) return {reinterpret_cast<const std::int8_t*>(K), rb};
-  for (std::size_t t = 0; t < (n + 15) / 16 * 16; ++t)
-    unpack_row<F>(reinterpret_cast<const std::uint8_t*>(K + std::min(t, n - 1) * rb), dim,
-                  abuf + t * dim);
-  return {abuf, dim};
+KVCACHE_ALWAYS_INLINE key_rows unpack_keys(const tile_quarters& tq, std::size_t rb, std::size_t dim,
+                                           std::int8_t* abuf) noexcept {
+  key_rows kr;
+  for (std::size_t j = 0; j < tq.count; ++j) {
+    if (F::bits == 8 && tq.n[j] == 16) {  // int8 codes are levels: read in place
+      kr.a[j] = reinterpret_cast<const std::int8_t*>(tq.k[j]);
+      kr.stride[j] = rb;
+      continue;
+    }
+    std::int8_t* out = abuf + 16 * j * dim;
+    for (std::size_t t = 0; t < 16; ++t)
+      unpack_row<F>(reinterpret_cast<const std::uint8_t*>(tq.k[j] + std::min(t, tq.n[j] - 1) * rb),
+                    dim, out + t * dim);
+    kr.a[j] = out;
+    kr.stride[j] = dim;
+  }
+  return kr;
 }
 
 //! Lane l's block in chunk c: (64 c + 32 j) / G with segment j = l & 1.
@@ -521,23 +568,24 @@ KVCACHE_ALWAYS_INLINE void value_products(const void* abuf, const void* bbuf, st
 //! after it. Row k of a value tile holds the same tokens.
 constexpr std::size_t weight_token(std::size_t k) noexcept { return 16 * (k % 4) + 4 * (k / 4); }
 
-//! Value tiles of a tile's rows (n valid, n <= tile_tokens; rows past n
-//! repeat row n - 1) into bbuf: (subtile, dim / 64 chunks, 4 tiles of 16
-//! rows of 64 bytes). Rows whose four tokens all lie past n are left as they
-//! are: their weights are 0.
+//! Value tiles of a tile's rows (empty slots repeat their quarter's last
+//! row) into bbuf: (subtile, dim / 64 chunks, 4 tiles of 16 rows of 64
+//! bytes). Rows whose four slots are all empty are left as they are: their
+//! weights are 0.
 template <class F>
-KVCACHE_ALWAYS_INLINE void value_tiles(const std::byte* V, std::size_t rb, std::size_t n,
-                                       std::size_t dim, std::int8_t* bbuf,
-                                       detail::prefetch_cursor& pf) noexcept {
+KVCACHE_ALWAYS_INLINE void value_tiles(const tile_quarters& tq, std::size_t rb, std::size_t dim,
+                                       std::int8_t* bbuf, detail::prefetch_cursor& pf) noexcept {
   const std::size_t chunks = dim / 64;
   for (std::size_t u = 0; 64 * u < tile_tokens; ++u)
     for (std::size_t q = 0; q < 16; ++q) {
       pf.issue();
-      const std::size_t t0 = 64 * u + weight_token(q);
-      if (t0 >= n) continue;
+      // Four consecutive slots, never across quarters (weight_token is a
+      // multiple of 4).
+      const std::size_t t0 = 64 * u + weight_token(q), j = t0 / 16, r0 = t0 % 16;
+      if (j >= tq.count || r0 >= tq.n[j]) continue;
       const std::uint8_t* r[4];
       for (std::size_t i = 0; i < 4; ++i)
-        r[i] = reinterpret_cast<const std::uint8_t*>(V + std::min(t0 + i, n - 1) * rb);
+        r[i] = reinterpret_cast<const std::uint8_t*>(tq.v[j] + std::min(r0 + i, tq.n[j] - 1) * rb);
       constexpr std::size_t per = chunks_per_unpack<F>;
       for (std::size_t c0 = 0; c0 < chunks; c0 += per) {
         __m512i x[4][per];
@@ -641,8 +689,7 @@ inline bool available() noexcept { return false; }
 inline void configure() noexcept {}
 inline void release() noexcept {}
 template <class F>
-key_rows unpack_keys(const std::byte*, std::size_t, std::size_t, std::size_t,
-                     std::int8_t*) noexcept {
+key_rows unpack_keys(const tile_quarters&, std::size_t, std::size_t, std::int8_t*) noexcept {
   return {};
 }
 template <class F>

@@ -269,6 +269,54 @@ inline prefetch_cursor next_tile_prefetch(const seq_view& sv, std::size_t kr, st
                    std::min({tile, end - t2, sv.run(t2)}));
 }
 
+//! The quarters of the tile on the tile unit from token t (amx::tile_quarters):
+//! each at most 16 rows inside one run, up to the item's end.
+inline amx::tile_quarters tile_quarters_at(const seq_view& sv, std::size_t kr, std::size_t vr,
+                                           std::size_t rb, std::size_t t,
+                                           std::size_t end) noexcept {
+  const std::size_t want = std::min(amx::tile_tokens, end - t);
+  if (sv.run(t) >= want)  // one run: contiguous storage, a large page
+    return amx::dense_quarters(sv.row(kr, t, rb), sv.row(vr, t, rb), rb, want);
+  amx::tile_quarters tq;
+  for (; tq.count < amx::tile_quarters::max && t < end; ++tq.count) {
+    const std::size_t j = tq.count, n = std::min({std::size_t{16}, end - t, sv.run(t)});
+    tq.k[j] = sv.row(kr, t, rb);
+    tq.v[j] = sv.row(vr, t, rb);
+    tq.n[j] = n;
+    t += n;
+  }
+  return tq;
+}
+
+//! The lines of the next tile on the tile unit, from token t2: its
+//! quarters' rows, as up to prefetch_cursor::max_runs runs (one for
+//! contiguous rows).
+inline prefetch_cursor next_quarters_prefetch(const seq_view& sv, std::size_t kr, std::size_t vr,
+                                              std::size_t rb, std::size_t t2,
+                                              std::size_t end) noexcept {
+  if (t2 >= end) return {};
+  if (sv.run(t2) >= std::min(amx::tile_tokens, end - t2))
+    return next_tile_prefetch(sv, kr, vr, rb, t2, end, amx::tile_tokens);
+  prefetch_cursor pf;
+  const amx::tile_quarters tq = tile_quarters_at(sv, kr, vr, rb, t2, end);
+  std::size_t runs = 0;
+  for (std::size_t j = 0; j < tq.count; ++j) {
+    const prefetch_cursor r = run_lines(tq.k[j], tq.v[j], rb, tq.n[j]);
+    // A quarter that continues the previous one in memory extends its run.
+    if (runs > 0 && tq.k[j] == tq.k[j - 1] + tq.n[j - 1] * rb &&
+        tq.v[j] == tq.v[j - 1] + tq.n[j - 1] * rb) {
+      const std::size_t u = runs - 1;
+      pf.lines[u] = (reinterpret_cast<const char*>(tq.k[j] + tq.n[j] * rb) - pf.k[u] + 63) / 64 + 1;
+      continue;
+    }
+    pf.k[runs] = r.k[0];
+    pf.v[runs] = r.v[0];
+    pf.lines[runs] = r.lines[0];
+    ++runs;
+  }
+  return pf;
+}
+
 //! Floats of per-worker scratch decode_quant_task needs beyond decode.hpp's.
 inline std::size_t decode_quant_scratch_floats(const kv_layout& L) noexcept {
   const std::size_t g = L.group(), dim = L.head_dim, nb = dim / 32;
@@ -452,21 +500,19 @@ KVCACHE_ALWAYS_INLINE void integer_tile_scores(
 //! Scores of one tile for all g heads on the AMX tile unit (amx.hpp); keys
 //! from amx::unpack_keys.
 template <class F>
-KVCACHE_ALWAYS_INLINE void amx_tile_scores(const std::byte* K, std::size_t rb, std::size_t n,
+KVCACHE_ALWAYS_INLINE void amx_tile_scores(const amx::tile_quarters& tq, std::size_t rb,
                                            std::size_t g, std::size_t dim,
-                                           const amx::query_tiles& q, amx::key_rows keys,
+                                           const amx::query_tiles& q, const amx::key_rows& keys,
                                            std::int32_t* cbuf, float* sc,
                                            prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_AMX
   if constexpr (amx::supported_format<F>())
-    for_tile_halves(n, amx::tile_tokens, g, sc, [&](std::size_t half) {
-      amx::half_scores<F>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g, dim,
-                          q, keys.a + half * 16 * keys.stride, keys.stride, cbuf, sc + half * 16,
-                          score_stride, pf);
+    for_tile_halves(16 * tq.count, amx::tile_tokens, g, sc, [&](std::size_t j) {
+      amx::half_scores<F>(tq.k[j], rb, tq.n[j], g, dim, q, keys.a[j], keys.stride[j], cbuf,
+                          sc + j * 16, score_stride, pf);
     });
 #else
-  (void)K, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)keys, (void)cbuf, (void)sc;
-  (void)pf;
+  (void)tq, (void)rb, (void)g, (void)dim, (void)q, (void)keys, (void)cbuf, (void)sc, (void)pf;
 #endif
 }
 
@@ -490,13 +536,13 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 //! The value tiles of one tile (amx::value_tiles), built before the scores so
 //! that their stores reach the cache before the tile loads (amx.hpp).
 template <class F>
-KVCACHE_ALWAYS_INLINE void amx_value_tiles(const std::byte* V, std::size_t rb, std::size_t n,
+KVCACHE_ALWAYS_INLINE void amx_value_tiles(const amx::tile_quarters& tq, std::size_t rb,
                                            std::size_t dim, const amx::tile_scratch& ts,
                                            prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_AMX
-  if constexpr (amx::supported_format<F>()) amx::value_tiles<F>(V, rb, n, dim, ts.values(), pf);
+  if constexpr (amx::supported_format<F>()) amx::value_tiles<F>(tq, rb, dim, ts.values(), pf);
 #else
-  (void)V, (void)rb, (void)n, (void)dim, (void)ts, (void)pf;
+  (void)tq, (void)rb, (void)dim, (void)ts, (void)pf;
 #endif
 }
 
@@ -504,7 +550,7 @@ KVCACHE_ALWAYS_INLINE void amx_value_tiles(const std::byte* V, std::size_t rb, s
 //! (amx.hpp), from the value tiles amx_value_tiles made; o stays in
 //! amx::unpermute_output's order until the item ends.
 template <class F>
-KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, std::size_t n,
+KVCACHE_ALWAYS_INLINE void amx_tile_values(const amx::tile_quarters& tq, std::size_t rb,
                                            std::size_t g, std::size_t dim, const float* sc,
                                            const float* corr, float* o, std::size_t stride,
                                            float* bias, const amx::tile_scratch& ts,
@@ -512,12 +558,23 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
 #if KVCACHE_HAS_AMX
   if constexpr (amx::supported_format<F>()) {
     constexpr std::size_t Q = amx::tile_tokens / 16;
-    const std::size_t nb = dim / F::group;
-    __m512 vs[Q * amx::max_dim / 32];  // block scales, tokens in lanes, (nb, tile_tokens)
-    vnni::tile_block_field<F>(V, rb, n, dim, F::scale_offset(dim), Q, vs);
+    const std::size_t nb = dim / F::group, n = tq.span();
+    // Block fields per quarter, tokens in lanes, (nb, tile_tokens); 0 for
+    // quarters without rows.
+    const auto fields = [&](std::size_t field, __m512* out) {
+      for (std::size_t k = 0; k < Q; ++k) {
+        if (k < tq.count) {
+          vnni::part_block_field<F>(tq.v[k], tq.n[k], rb, dim, field, Q, k, out);
+        } else {
+          for (std::size_t b = 0; b < nb; ++b) out[Q * b + k] = _mm512_setzero_ps();
+        }
+      }
+    };
+    __m512 vs[Q * amx::max_dim / 32];  // block scales
+    fields(F::scale_offset(dim), vs);
     [[maybe_unused]] __m512 mins[F::asymmetric ? Q * amx::max_dim / 32 : 1];
     if constexpr (F::asymmetric) {
-      vnni::tile_block_field<F>(V, rb, n, dim, F::min_offset(dim), Q, mins);
+      fields(F::min_offset(dim), mins);
       const __m512 centre = _mm512_set1_ps(static_cast<float>(amx::value_centre<F>()));
       for (std::size_t k = 0; k < Q * nb; ++k) mins[k] = _mm512_fmadd_ps(vs[k], centre, mins[k]);
     }
@@ -527,12 +584,12 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const std::byte* V, std::size_t rb, s
                           ts.values(), ts.weights(), ts.c(), pf);
       if constexpr (F::asymmetric)
         for (std::size_t h = h0; h < h0 + 4; ++h)  // parts past n: not exponentiated
-          vnni::value_min_terms(mins, nb, Q, sc + h * score_stride, std::min(Q, (n + 15) / 16),
-                                corr[h], bias + h * nb * 16);
+          vnni::value_min_terms(mins, nb, Q, sc + h * score_stride, tq.count, corr[h],
+                                bias + h * nb * 16);
     }
   }
 #else
-  (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
+  (void)tq, (void)rb, (void)g, (void)dim, (void)sc, (void)corr, (void)o, (void)stride;
   (void)bias, (void)ts, (void)pf;
 #endif
 }
@@ -711,16 +768,24 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
         if (use_integer) tile = use_amx ? amx::tile_tokens : quant_tile;
       if constexpr (fp8_tile)
         if (use_fp8) tile = amx_fp8::tile_tokens;
-      const std::size_t n = std::min({tile, it.end - s.t, in_page});
       const std::size_t kr = L.run_offset(sv.page_tokens, layer, 0, it.head);
       const std::size_t vr = L.run_offset(sv.page_tokens, layer, 1, it.head);
+      std::size_t n = std::min({tile, it.end - s.t, in_page});
+      // The tile unit's tiles span pages, a quarter per page of 16 tokens or
+      // more (amx::tile_quarters); the other paths' end at the page.
+      [[maybe_unused]] amx::tile_quarters tq{};
+      if (use_amx) {
+        tq = tile_quarters_at(sv, kr, vr, rb, s.t, it.end);
+        n = tq.rows();
+      }
       const std::byte* K = sv.row(kr, s.t, rb);
       const std::byte* V = sv.row(vr, s.t, rb);
       // The next tile of this stream, requested now: by the time the other
       // streams' tiles are done it is in cache. Quantized rows are read
       // faster than the prefetchers ramp up on 8 streams, and the first
       // touch would otherwise be a gather of scales that stalls on DRAM.
-      prefetch_cursor pf = next_tile_prefetch(sv, kr, vr, rb, s.t + n, it.end, tile);
+      prefetch_cursor pf = use_amx ? next_quarters_prefetch(sv, kr, vr, rb, s.t + n, it.end)
+                                   : next_tile_prefetch(sv, kr, vr, rb, s.t + n, it.end, tile);
       // Spread over the tile's steps on the tile unit (the whole tile: with
       // the requests only in the scores, int8 from DRAM ran 5% slower, the
       // fill buffers queueing them), over the scores' steps otherwise (2 x
@@ -746,18 +811,18 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
           // cache while the other starts (see amx::unpack_keys).
           [[maybe_unused]] amx::key_rows keys{};
           if constexpr (amx::supported_format<F>())
-            keys = amx::unpack_keys<F>(K, rb, n, dim, ts.keys());
-          amx_value_tiles<F>(V, rb, n, dim, ts, pf);
-          amx_tile_scores<F>(K, rb, n, g, dim, qtiles[i], keys, ts.c(), sc, pf);
+            keys = amx::unpack_keys<F>(tq, rb, dim, ts.keys());
+          amx_value_tiles<F>(tq, rb, dim, ts, pf);
+          amx_tile_scores<F>(tq, rb, g, dim, qtiles[i], keys, ts.c(), sc, pf);
         } else if (use_integer)
           integer_tile_scores<F, HB>(K, rb, n, g, dim, qv + i * g, tile_T, col_of, col_start,
                                      tile_scales, tile_mins, sc, pf);
         else
           quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc, pf);
         // The 16-token parts that hold rows (a short tile, a small page).
-        quant_softmax(s, g, sc, corr, std::min(tile, (n + 15) / 16 * 16));
+        quant_softmax(s, g, sc, corr, use_amx ? 16 * tq.count : std::min(tile, (n + 15) / 16 * 16));
         if (use_amx) {
-          amx_tile_values<F>(V, rb, n, g, dim, sc, corr, s.o, stride,
+          amx_tile_values<F>(tq, rb, g, dim, sc, corr, s.o, stride,
                              value_bias + i * g * (dim / F::group) * 16, ts, pf);
         } else if constexpr (integer_v) {
           if (use_integer) {

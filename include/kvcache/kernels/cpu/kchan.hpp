@@ -617,22 +617,23 @@ void decode_kchan_task(const kv_layout& L, std::size_t layer, const seq_view* se
               kchan_group_scales<P>(sv, kr, t + seg[k].start, ph, rb, dim, scl, mins);
               kchan_tiles::prepare(qk, scl, mins, g, dim, qt[k], tbias + k * g);
             }
+          const amx::tile_quarters tq = amx::dense_quarters(K, Vt, rb, n);
           amx::key_rows keys{};
           if (!residual)
-            keys = amx::unpack_keys<kchan_tiles::codes<KF::bits>>(K, rb, n, dim, ts.keys());
-          amx_value_tiles<FV>(Vt, rb, n, dim, ts, pf);
+            keys = amx::unpack_keys<kchan_tiles::codes<KF::bits>>(tq, rb, dim, ts.keys());
+          amx_value_tiles<FV>(tq, rb, dim, ts, pf);
           if (residual) {
             residual_scores(t, n, pf);
           } else {
             for (std::size_t k = 0; k < nseg; ++k) {
               for (std::size_t r = seg[k].start; r < seg[k].start + seg[k].len; r += 16)
-                kchan_tiles::quarter(keys.a + r * keys.stride, keys.stride, g, dim, qt[k],
+                kchan_tiles::quarter(keys.a[r / 16], keys.stride[r / 16], g, dim, qt[k],
                                      tbias + k * g, ts.c(), sc + r,
                                      std::min<std::size_t>(16, seg[k].start + seg[k].len - r), pf);
             }
           }
           quant_softmax(s, g, sc, corr, std::min(amx::tile_tokens, (n + 15) / 16 * 16));
-          amx_tile_values<FV>(Vt, rb, n, g, dim, sc, corr, s.o, dim + 1, vbias, ts, pf);
+          amx_tile_values<FV>(tq, rb, g, dim, sc, corr, s.o, dim + 1, vbias, ts, pf);
           pf.finish();
           s.t += n;
           continue;

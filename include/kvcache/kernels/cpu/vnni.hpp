@@ -266,9 +266,11 @@ KVCACHE_ALWAYS_INLINE void tile_scores(std::size_t n, std::size_t dim, const que
 
 //! Row indices of a tile (rows past n repeat row n - 1) times the row stride.
 KVCACHE_ALWAYS_INLINE __m512i tile_offsets(std::size_t n, std::size_t rb) noexcept {
-  const __m512i t =
-      _mm512_min_epu32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                       _mm512_set1_epi32(static_cast<int>(n - 1)));
+  // The zero-masked form: GCC 12 warns that the plain one's undefined
+  // pass-through operand is used uninitialized.
+  const __m512i t = _mm512_maskz_min_epu32(
+      0xffff, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int>(n - 1)));
   return _mm512_mullo_epi32(t, _mm512_set1_epi32(static_cast<int>(rb)));
 }
 
@@ -312,9 +314,41 @@ KVCACHE_ALWAYS_INLINE void value_pairs(const std::uint8_t* a, const std::uint8_t
   }
 }
 
-//! One fp16 field per block of a tile's rows (the scales at scale_offset,
-//! the mins at min_offset), tokens in lanes, gathered once for all heads:
-//! out[parts b + k] holds rows 16 k .. 16 k + 15 of block b (0 past n).
+//! One fp16 field per block (the scales at scale_offset, the mins at
+//! min_offset) of n <= 16 rows (rb bytes apart; slots past n repeat row
+//! n - 1), tokens in lanes: out[parts b + k] for block b.
+template <class F>
+KVCACHE_ALWAYS_INLINE void part_block_field(const std::byte* rows, std::size_t n, std::size_t rb,
+                                            std::size_t dim, std::size_t field, std::size_t parts,
+                                            std::size_t k, __m512* out) noexcept {
+  const std::size_t nb = dim / F::group;
+  const __m512i offs = tile_offsets(n, rb);
+  if (nb % 4 == 0) {
+    // Four blocks' fields per row in one qword: two 8-row gathers, then
+    // one word permute per block (a quarter of the dword gathers' loads).
+    const __m256i lo = _mm512_castsi512_si256(offs), hi = _mm512_extracti64x4_epi64(offs, 1);
+    for (std::size_t b0 = 0; b0 < nb; b0 += 4) {
+      const std::byte* base = rows + field + 2 * b0;
+      const __m512i a = _mm512_i32gather_epi64(lo, base, 1);
+      const __m512i c = _mm512_i32gather_epi64(hi, base, 1);
+      // Word 4 t + j of (a, c): row t's field of block b0 + j.
+      alignas(64) static constexpr std::int16_t rows4[32] = {0,  4,  8,  12, 16, 20, 24, 28,
+                                                             32, 36, 40, 44, 48, 52, 56, 60};
+      for (std::size_t j = 0; j < 4; ++j) {
+        const __m512i idx =
+            _mm512_add_epi16(_mm512_load_si512(rows4), _mm512_set1_epi16(static_cast<short>(j)));
+        out[parts * (b0 + j) + k] =
+            _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(a, idx, c)));
+      }
+    }
+    return;
+  }
+  for (std::size_t b = 0; b < nb; ++b) out[parts * b + k] = gather_half(rows, offs, field + 2 * b);
+}
+
+//! part_block_field for each 16-row part of a tile's n rows, gathered once
+//! for all heads: out[parts b + k] holds rows 16 k .. 16 k + 15 of block b
+//! (0 past n).
 template <class F>
 KVCACHE_ALWAYS_INLINE void tile_block_field(const std::byte* V, std::size_t rb, std::size_t n,
                                             std::size_t dim, std::size_t field, std::size_t parts,
@@ -325,29 +359,8 @@ KVCACHE_ALWAYS_INLINE void tile_block_field(const std::byte* V, std::size_t rb, 
       for (std::size_t b = 0; b < nb; ++b) out[parts * b + k] = _mm512_setzero_ps();
       continue;
     }
-    const __m512i offs = tile_offsets(std::min<std::size_t>(16, n - 16 * k), rb);
-    if (nb % 4 == 0) {
-      // Four blocks' fields per row in one qword: two 8-row gathers, then
-      // one word permute per block (a quarter of the dword gathers' loads).
-      const __m256i lo = _mm512_castsi512_si256(offs), hi = _mm512_extracti64x4_epi64(offs, 1);
-      for (std::size_t b0 = 0; b0 < nb; b0 += 4) {
-        const std::byte* base = V + 16 * k * rb + field + 2 * b0;
-        const __m512i a = _mm512_i32gather_epi64(lo, base, 1);
-        const __m512i c = _mm512_i32gather_epi64(hi, base, 1);
-        // Word 4 t + j of (a, c): row t's field of block b0 + j.
-        alignas(64) static constexpr std::int16_t rows4[32] = {0,  4,  8,  12, 16, 20, 24, 28,
-                                                               32, 36, 40, 44, 48, 52, 56, 60};
-        for (std::size_t j = 0; j < 4; ++j) {
-          const __m512i idx =
-              _mm512_add_epi16(_mm512_load_si512(rows4), _mm512_set1_epi16(static_cast<short>(j)));
-          out[parts * (b0 + j) + k] =
-              _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutex2var_epi16(a, idx, c)));
-        }
-      }
-      continue;
-    }
-    for (std::size_t b = 0; b < nb; ++b)
-      out[parts * b + k] = gather_half(V + 16 * k * rb, offs, field + 2 * b);
+    part_block_field<F>(V + 16 * k * rb, std::min<std::size_t>(16, n - 16 * k), rb, dim, field,
+                        parts, k, out);
   }
 }
 
