@@ -190,30 +190,37 @@ KVCACHE_ALWAYS_INLINE void bf16_codes(const std::uint8_t* codes, std::uint16_t* 
   _mm512_storeu_si512(out + 32, _mm512_unpackhi_epi8(lo, hi));
 }
 
-//! A tile's key rows as bf16 A tiles in keys (row t at t x dim; rows past n,
-//! up to a multiple of 16, repeat row n - 1). Done before the value tiles so
+//! A tile's key rows as bf16 A tiles in keys (slot t at t x dim; a
+//! quarter's empty slots repeat its last row). Done before the value tiles so
 //! that the stores reach the cache before the tile loads (amx::unpack_keys).
-KVCACHE_ALWAYS_INLINE void unpack_keys(const std::byte* K, std::size_t rb, std::size_t n,
+KVCACHE_ALWAYS_INLINE void unpack_keys(const amx::tile_quarters& tq, std::size_t rb,
                                        std::size_t dim, std::uint16_t* keys) noexcept {
-  for (std::size_t t = 0; t < (n + 15) / 16 * 16; ++t) {
-    const auto* row = reinterpret_cast<const std::uint8_t*>(K + std::min(t, n - 1) * rb);
-    for (std::size_t c = 0; c < dim / 64; ++c) bf16_codes(row + 64 * c, keys + t * dim + 64 * c);
-  }
+  for (std::size_t j = 0; j < tq.count; ++j)
+    for (std::size_t r = 0; r < 16; ++r) {
+      const auto* row =
+          reinterpret_cast<const std::uint8_t*>(tq.k[j] + std::min(r, tq.n[j] - 1) * rb);
+      std::uint16_t* out = keys + (16 * j + r) * dim;
+      for (std::size_t c = 0; c < dim / 64; ++c) bf16_codes(row + 64 * c, out + 64 * c);
+    }
 }
 
-//! Value tiles of a tile's rows (n valid; rows past n repeat row n - 1, so
-//! that every operand is finite: their weights are 0) into bbuf: (dim / 64
-//! chunks, 4 tiles of 16 rows of 64 bytes), row r holding tokens 2 r and
-//! 2 r + 1.
-KVCACHE_ALWAYS_INLINE void value_tiles(const std::byte* V, std::size_t rb, std::size_t n,
+//! Value tiles of a tile's rows (empty slots repeat their quarter's last
+//! row, or the tile's, so that every operand is finite: their weights are
+//! 0) into bbuf: (dim / 64 chunks, 4 tiles of 16 rows of 64 bytes), row r
+//! holding slots 2 r and 2 r + 1.
+KVCACHE_ALWAYS_INLINE void value_tiles(const amx::tile_quarters& tq, std::size_t rb,
                                        std::size_t dim, std::uint16_t* bbuf,
                                        detail::prefetch_cursor& pf) noexcept {
   const std::size_t chunks = dim / 64;
   for (std::size_t r = 0; r < tile_tokens / 2; ++r) {
     pf.issue();
-    const std::size_t t = 2 * r;
-    const auto* r0 = reinterpret_cast<const std::uint8_t*>(V + std::min(t, n - 1) * rb);
-    const auto* r1 = reinterpret_cast<const std::uint8_t*>(V + std::min(t + 1, n - 1) * rb);
+    // Slots 2 r and 2 r + 1, in quarter j; a quarter without rows takes the
+    // tile's last row.
+    const std::size_t j = r / 8, jq = std::min(j, tq.count - 1), last = tq.n[jq] - 1;
+    const std::byte* base = j < tq.count ? tq.v[jq] : tq.v[jq] + last * rb;
+    const std::size_t cap = j < tq.count ? last : 0, t = 2 * (r % 8);
+    const auto* r0 = reinterpret_cast<const std::uint8_t*>(base + std::min(t, cap) * rb);
+    const auto* r1 = reinterpret_cast<const std::uint8_t*>(base + std::min(t + 1, cap) * rb);
     for (std::size_t c = 0; c < chunks; ++c) {
       const __m512i x0 = _mm512_loadu_si512(r0 + 64 * c), x1 = _mm512_loadu_si512(r1 + 64 * c);
       // Codes of the two tokens interleaved, then each byte's bf16: the

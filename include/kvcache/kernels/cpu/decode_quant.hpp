@@ -269,16 +269,17 @@ inline prefetch_cursor next_tile_prefetch(const seq_view& sv, std::size_t kr, st
                    std::min({tile, end - t2, sv.run(t2)}));
 }
 
-//! The quarters of the tile on the tile unit from token t (amx::tile_quarters):
-//! each at most 16 rows inside one run, up to the item's end.
+//! The quarters of a tile of `tile` slots on the tile unit from token t
+//! (amx::tile_quarters): each at most 16 rows inside one run, up to the
+//! item's end.
 inline amx::tile_quarters tile_quarters_at(const seq_view& sv, std::size_t kr, std::size_t vr,
-                                           std::size_t rb, std::size_t t,
-                                           std::size_t end) noexcept {
-  const std::size_t want = std::min(amx::tile_tokens, end - t);
+                                           std::size_t rb, std::size_t t, std::size_t end,
+                                           std::size_t tile) noexcept {
+  const std::size_t want = std::min(tile, end - t);
   if (sv.run(t) >= want)  // one run: contiguous storage, a large page
     return amx::dense_quarters(sv.row(kr, t, rb), sv.row(vr, t, rb), rb, want);
   amx::tile_quarters tq;
-  for (; tq.count < amx::tile_quarters::max && t < end; ++tq.count) {
+  for (; tq.count < tile / 16 && t < end; ++tq.count) {
     const std::size_t j = tq.count, n = std::min({std::size_t{16}, end - t, sv.run(t)});
     tq.k[j] = sv.row(kr, t, rb);
     tq.v[j] = sv.row(vr, t, rb);
@@ -292,13 +293,13 @@ inline amx::tile_quarters tile_quarters_at(const seq_view& sv, std::size_t kr, s
 //! quarters' rows, as up to prefetch_cursor::max_runs runs (one for
 //! contiguous rows).
 inline prefetch_cursor next_quarters_prefetch(const seq_view& sv, std::size_t kr, std::size_t vr,
-                                              std::size_t rb, std::size_t t2,
-                                              std::size_t end) noexcept {
+                                              std::size_t rb, std::size_t t2, std::size_t end,
+                                              std::size_t tile) noexcept {
   if (t2 >= end) return {};
-  if (sv.run(t2) >= std::min(amx::tile_tokens, end - t2))
-    return next_tile_prefetch(sv, kr, vr, rb, t2, end, amx::tile_tokens);
+  if (sv.run(t2) >= std::min(tile, end - t2))
+    return next_tile_prefetch(sv, kr, vr, rb, t2, end, tile);
   prefetch_cursor pf;
-  const amx::tile_quarters tq = tile_quarters_at(sv, kr, vr, rb, t2, end);
+  const amx::tile_quarters tq = tile_quarters_at(sv, kr, vr, rb, t2, end, tile);
   std::size_t runs = 0;
   for (std::size_t j = 0; j < tq.count; ++j) {
     const prefetch_cursor r = run_lines(tq.k[j], tq.v[j], rb, tq.n[j]);
@@ -598,30 +599,36 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const amx::tile_quarters& tq, std::si
 //! heads: scores, the online softmax and P.V; o stays in
 //! amx::unpermute_output's order until the item ends.
 template <class F>
-KVCACHE_ALWAYS_INLINE void amx_fp8_tile(decode_stream& s, const std::byte* K, const std::byte* V,
-                                        std::size_t rb, std::size_t n, std::size_t g,
-                                        std::size_t dim, const amx_fp8::query_tiles& q,
+KVCACHE_ALWAYS_INLINE void amx_fp8_tile(decode_stream& s, const amx::tile_quarters& tq,
+                                        std::size_t rb, std::size_t g, std::size_t dim,
+                                        const amx_fp8::query_tiles& q,
                                         const amx_fp8::tile_scratch& ts, float* sc, float* corr,
                                         prefetch_cursor& pf) noexcept {
 #if KVCACHE_HAS_AMX_FP8
-  amx_fp8::unpack_keys(K, rb, n, dim, ts.keys());
-  amx_fp8::value_tiles(V, rb, n, dim, ts.values(), pf);
-  for_tile_halves(n, amx_fp8::tile_tokens, g, sc, [&](std::size_t half) {
-    amx_fp8::half_scores<F>(K + half * 16 * rb, rb, std::min<std::size_t>(16, n - half * 16), g,
-                            dim, q, ts.keys() + half * 16 * dim, ts.c(), sc + half * 16,
-                            score_stride, pf);
+  amx_fp8::unpack_keys(tq, rb, dim, ts.keys());
+  amx_fp8::value_tiles(tq, rb, dim, ts.values(), pf);
+  for_tile_halves(16 * tq.count, amx_fp8::tile_tokens, g, sc, [&](std::size_t j) {
+    amx_fp8::half_scores<F>(tq.k[j], rb, tq.n[j], g, dim, q, ts.keys() + j * 16 * dim, ts.c(),
+                            sc + j * 16, score_stride, pf);
   });
-  quant_softmax(s, g, sc, corr, (n + 15) / 16 * 16);
+  quant_softmax(s, g, sc, corr, 16 * tq.count);
   constexpr std::size_t Q = amx_fp8::tile_tokens / 16;
+  const std::size_t nb = dim / F::group;
   __m512 vs[Q * amx::max_dim / 32];  // block scales, tokens in lanes, (nb, tile_tokens)
-  vnni::tile_block_field<F>(V, rb, n, dim, F::scale_offset(dim), Q, vs);
+  for (std::size_t k = 0; k < Q; ++k) {
+    if (k < tq.count) {
+      vnni::part_block_field<F>(tq.v[k], tq.n[k], rb, dim, F::scale_offset(dim), Q, k, vs);
+    } else {
+      for (std::size_t b = 0; b < nb; ++b) vs[Q * b + k] = _mm512_setzero_ps();
+    }
+  }
   for (std::size_t h0 = 0; h0 < g; h0 += 4)
-    amx_fp8::tile_values<F>(dim, n, sc + h0 * score_stride, score_stride,
+    amx_fp8::tile_values<F>(dim, tq.span(), sc + h0 * score_stride, score_stride,
                             reinterpret_cast<const float*>(vs), corr + h0, s.o + h0 * (dim + 1),
                             dim + 1, ts.values(), ts.weights(), ts.c(), pf);
 #else
-  (void)s, (void)K, (void)V, (void)rb, (void)n, (void)g, (void)dim, (void)q, (void)ts, (void)sc;
-  (void)corr, (void)pf;
+  (void)s, (void)tq, (void)rb, (void)g, (void)dim, (void)q, (void)ts, (void)sc, (void)corr;
+  (void)pf;
 #endif
 }
 
@@ -774,8 +781,8 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // The tile unit's tiles span pages, a quarter per page of 16 tokens or
       // more (amx::tile_quarters); the other paths' end at the page.
       [[maybe_unused]] amx::tile_quarters tq{};
-      if (use_amx) {
-        tq = tile_quarters_at(sv, kr, vr, rb, s.t, it.end);
+      if (use_amx || use_fp8) {
+        tq = tile_quarters_at(sv, kr, vr, rb, s.t, it.end, tile);
         n = tq.rows();
       }
       const std::byte* K = sv.row(kr, s.t, rb);
@@ -784,8 +791,9 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       // streams' tiles are done it is in cache. Quantized rows are read
       // faster than the prefetchers ramp up on 8 streams, and the first
       // touch would otherwise be a gather of scales that stalls on DRAM.
-      prefetch_cursor pf = use_amx ? next_quarters_prefetch(sv, kr, vr, rb, s.t + n, it.end)
-                                   : next_tile_prefetch(sv, kr, vr, rb, s.t + n, it.end, tile);
+      prefetch_cursor pf = use_amx || use_fp8
+                               ? next_quarters_prefetch(sv, kr, vr, rb, s.t + n, it.end, tile)
+                               : next_tile_prefetch(sv, kr, vr, rb, s.t + n, it.end, tile);
       // Spread over the tile's steps on the tile unit (the whole tile: with
       // the requests only in the scores, int8 from DRAM ran 5% slower, the
       // fill buffers queueing them), over the scores' steps otherwise (2 x
@@ -837,7 +845,7 @@ void decode_quant_task(const kv_layout& L, std::size_t layer, const seq_view* se
       } else if constexpr (formatted_precision<P>) {
         if (use_fp8) {
           if constexpr (fp8_tile)
-            amx_fp8_tile<F>(s, K, V, rb, n, g, dim, fp8_q[i], fp8_ts, sc, corr, pf);
+            amx_fp8_tile<F>(s, tq, rb, g, dim, fp8_q[i], fp8_ts, sc, corr, pf);
         } else {
           quant_scores<P, D, HB>(s, K, rb, n, g, dim, sc, pf);
           quant_softmax(s, g, sc, corr, decode_tile);
