@@ -534,6 +534,24 @@ KVCACHE_ALWAYS_INLINE void integer_tile_values(const std::byte* V, std::size_t r
 #endif
 }
 
+#if KVCACHE_HAS_AMX
+//! One fp16 field per block (vnni::part_block_field) of a tile's quarters,
+//! tokens in lanes: out[parts b + k] for quarter k, 0 for quarters without
+//! rows.
+template <class F>
+KVCACHE_ALWAYS_INLINE void quarter_block_fields(const amx::tile_quarters& tq, std::size_t rb,
+                                                std::size_t dim, std::size_t field,
+                                                std::size_t parts, __m512* out) noexcept {
+  for (std::size_t k = 0; k < parts; ++k) {
+    if (k < tq.count) {
+      vnni::part_block_field<F>(tq.v[k], tq.n[k], rb, dim, field, parts, k, out);
+    } else {
+      for (std::size_t b = 0; b < dim / F::group; ++b) out[parts * b + k] = _mm512_setzero_ps();
+    }
+  }
+}
+#endif
+
 //! The value tiles of one tile (amx::value_tiles), built before the scores so
 //! that their stores reach the cache before the tile loads (amx.hpp).
 template <class F>
@@ -560,22 +578,11 @@ KVCACHE_ALWAYS_INLINE void amx_tile_values(const amx::tile_quarters& tq, std::si
   if constexpr (amx::supported_format<F>()) {
     constexpr std::size_t Q = amx::tile_tokens / 16;
     const std::size_t nb = dim / F::group, n = tq.span();
-    // Block fields per quarter, tokens in lanes, (nb, tile_tokens); 0 for
-    // quarters without rows.
-    const auto fields = [&](std::size_t field, __m512* out) {
-      for (std::size_t k = 0; k < Q; ++k) {
-        if (k < tq.count) {
-          vnni::part_block_field<F>(tq.v[k], tq.n[k], rb, dim, field, Q, k, out);
-        } else {
-          for (std::size_t b = 0; b < nb; ++b) out[Q * b + k] = _mm512_setzero_ps();
-        }
-      }
-    };
-    __m512 vs[Q * amx::max_dim / 32];  // block scales
-    fields(F::scale_offset(dim), vs);
+    __m512 vs[Q * amx::max_dim / 32];  // block scales, tokens in lanes, (nb, tile_tokens)
+    quarter_block_fields<F>(tq, rb, dim, F::scale_offset(dim), Q, vs);
     [[maybe_unused]] __m512 mins[F::asymmetric ? Q * amx::max_dim / 32 : 1];
     if constexpr (F::asymmetric) {
-      fields(F::min_offset(dim), mins);
+      quarter_block_fields<F>(tq, rb, dim, F::min_offset(dim), Q, mins);
       const __m512 centre = _mm512_set1_ps(static_cast<float>(amx::value_centre<F>()));
       for (std::size_t k = 0; k < Q * nb; ++k) mins[k] = _mm512_fmadd_ps(vs[k], centre, mins[k]);
     }
@@ -613,15 +620,8 @@ KVCACHE_ALWAYS_INLINE void amx_fp8_tile(decode_stream& s, const amx::tile_quarte
   });
   quant_softmax(s, g, sc, corr, 16 * tq.count);
   constexpr std::size_t Q = amx_fp8::tile_tokens / 16;
-  const std::size_t nb = dim / F::group;
   __m512 vs[Q * amx::max_dim / 32];  // block scales, tokens in lanes, (nb, tile_tokens)
-  for (std::size_t k = 0; k < Q; ++k) {
-    if (k < tq.count) {
-      vnni::part_block_field<F>(tq.v[k], tq.n[k], rb, dim, F::scale_offset(dim), Q, k, vs);
-    } else {
-      for (std::size_t b = 0; b < nb; ++b) vs[Q * b + k] = _mm512_setzero_ps();
-    }
-  }
+  quarter_block_fields<F>(tq, rb, dim, F::scale_offset(dim), Q, vs);
   for (std::size_t h0 = 0; h0 < g; h0 += 4)
     amx_fp8::tile_values<F>(dim, tq.span(), sc + h0 * score_stride, score_stride,
                             reinterpret_cast<const float*>(vs), corr + h0, s.o + h0 * (dim + 1),
