@@ -300,20 +300,20 @@ inline prefetch_cursor next_quarters_prefetch(const seq_view& sv, std::size_t kr
     return next_tile_prefetch(sv, kr, vr, rb, t2, end, tile);
   prefetch_cursor pf;
   const amx::tile_quarters tq = tile_quarters_at(sv, kr, vr, rb, t2, end, tile);
+  // Quarters that continue each other in memory (a page of 24 tokens: 16,
+  // then 8) make one run.
   std::size_t runs = 0;
-  for (std::size_t j = 0; j < tq.count; ++j) {
-    const prefetch_cursor r = run_lines(tq.k[j], tq.v[j], rb, tq.n[j]);
-    // A quarter that continues the previous one in memory extends its run.
-    if (runs > 0 && tq.k[j] == tq.k[j - 1] + tq.n[j - 1] * rb &&
-        tq.v[j] == tq.v[j - 1] + tq.n[j - 1] * rb) {
-      const std::size_t u = runs - 1;
-      pf.lines[u] = (reinterpret_cast<const char*>(tq.k[j] + tq.n[j] * rb) - pf.k[u] + 63) / 64 + 1;
-      continue;
-    }
+  for (std::size_t j = 0, first = 0, rows = 0; j < tq.count; ++j) {
+    rows += tq.n[j];
+    const bool joined = j + 1 < tq.count && tq.k[j + 1] == tq.k[j] + tq.n[j] * rb &&
+                        tq.v[j + 1] == tq.v[j] + tq.n[j] * rb;
+    if (joined) continue;
+    const prefetch_cursor r = run_lines(tq.k[first], tq.v[first], rb, rows);
     pf.k[runs] = r.k[0];
     pf.v[runs] = r.v[0];
-    pf.lines[runs] = r.lines[0];
-    ++runs;
+    pf.lines[runs++] = r.lines[0];
+    first = j + 1;
+    rows = 0;
   }
   return pf;
 }
